@@ -1,0 +1,1 @@
+"""Celery tasks of fiscal-worker (thin shells around worker/)."""

@@ -1,0 +1,1 @@
+"""fiscal-worker: applies fiscal-device results to closed Clopos receipts, exactly once in effect."""

@@ -1,0 +1,82 @@
+"""Every Redis key fiscal-worker uses, with its type and lifetime: the whole footprint.
+
+Brands are validated (`A-Za-z0-9_.-`, 1-64 chars) before they reach a key, so a brand can
+never smuggle a `:` into another key's namespace. Nothing here grows without a bound: each
+key says what bounds it. The ingest stream's name is a setting (contract §2) and is passed in.
+"""
+
+from __future__ import annotations
+
+PREFIX = "fw"
+
+# Consumer group on the ingest stream (stream: bounded by XDEL after each XACK).
+INGEST_GROUP = "fiscal-worker"
+
+
+def token(brand: str) -> str:
+    """string: the brand's access token JSON {token, expires_at}; TTL = the token's life."""
+    return f"{PREFIX}:token:{brand}"
+
+
+def token_refresh_lock(brand: str) -> str:
+    """string: who is refreshing the brand's token; TTL a few seconds (released on done)."""
+    return f"{PREFIX}:token:{brand}:refresh-lock"
+
+
+def result(result_id: str) -> str:
+    """hash: one result not finished yet (fields, attempts, dispatch); deleted when it
+    finishes (fiscalised or dead-lettered); TTL = both retry windows + a day, as a backstop."""
+    return f"{PREFIX}:result:{result_id}"
+
+
+# zset: result_id -> unix time it is due (to run, or to be re-driven if its lease lapses).
+# Holds exactly the unfinished results; bounded by them.
+SCHEDULE = f"{PREFIX}:schedule"
+
+
+def receipt_lock(brand: str, receipt_id: int) -> str:
+    """string: the worker that may call the API for this receipt now; TTL ~2 min."""
+    return f"{PREFIX}:lock:{brand}:{receipt_id}"
+
+
+def fiscalised(brand: str, receipt_id: int) -> str:
+    """string: the fiscal_id this receipt was fiscalised with; TTL = marker TTL (30 days)."""
+    return f"{PREFIX}:fiscalised:{brand}:{receipt_id}"
+
+
+def audit(brand: str, receipt_id: int) -> str:
+    """hash: the worker's record of one receipt (state, fiscal_id, device_id, ...);
+    TTL = audit TTL (90 days), renewed on every write."""
+    return f"{PREFIX}:audit:{brand}:{receipt_id}"
+
+
+def audit_attempts(brand: str, receipt_id: int) -> str:
+    """list of JSON attempts (time, call, http_status, outcome), newest last, capped
+    at audit_max_attempts; same TTL as audit()."""
+    return f"{PREFIX}:audit:{brand}:{receipt_id}:attempts"
+
+
+# Dead-letter store: bounded by dlq_max_entries (oldest trimmed first).
+DLQ_SEQ = f"{PREFIX}:dlq:seq"  # string counter: ids are dl-<seq>
+DLQ_INDEX = f"{PREFIX}:dlq:index"  # zset id -> seq (newest = highest)
+DLQ_COUNTS = f"{PREFIX}:dlq:counts"  # hash reason:<r> / brand:<b> -> count
+DLQ_TRIMMED = f"{PREFIX}:dlq:trimmed"  # string counter: entries dropped by the bound
+
+
+def dlq_entry(entry_id: str) -> str:
+    """string: one dead-letter entry as JSON; lives until replayed, purged or trimmed."""
+    return f"{PREFIX}:dlq:entry:{entry_id}"
+
+
+def dlq_by_reason(reason: str) -> str:
+    """zset id -> seq, the entries of one reason (reasons are a fixed set)."""
+    return f"{PREFIX}:dlq:reason:{reason}"
+
+
+def dlq_by_brand(brand: str) -> str:
+    """zset id -> seq, the entries of one brand (brand '' = unparsable message)."""
+    return f"{PREFIX}:dlq:brand:{brand}"
+
+
+# hash: name -> count; monotonic counters for the CLI, the demo and metrics (fixed names).
+COUNTERS = f"{PREFIX}:counters"

@@ -1,0 +1,167 @@
+"""Settings: every environment variable of the contract (§2) plus the project's own knobs.
+
+Read once per process with `get_settings()`. A bad value raises `SettingsError`, whose
+message is one line naming the variable; entry points print it and exit (no traceback).
+Clopos credentials are needed only by what calls the API, so they are checked by
+`Settings.clopos_credentials()`, not at load time: `fiscal-worker dlq list` runs without them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "FISCAL_"
+BRAND_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DAY = 86_400
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; str() is one line that names the variable."""
+
+
+class BrandCredentials(BaseModel):
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+
+    @field_validator("client_id")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("client_id is blank")
+        return value
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("client_secret is empty")
+        return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- contract §2 ---------------------------------------------------------------
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")  # may carry a password
+    clopos_base_url: str = "https://integrations.clopos.com/open-api"
+    clopos_integrator_id: str | None = None
+    clopos_credentials_file: Path | None = None
+    rate_limit_requests: int = Field(300, ge=1)
+    rate_limit_window_seconds: float = Field(60, gt=0)
+    not_ready_retry_window_seconds: float = Field(1800, ge=0)
+    transient_retry_window_seconds: float = Field(86_400, ge=0)
+    ingest_stream: str = Field("fiscal:results", min_length=1)
+
+    # --- the project's own ---------------------------------------------------------
+    # HTTP read timeout: above the API's 8 s upstream limit so its 504 reaches us first.
+    http_timeout_seconds: float = Field(12, gt=0)
+    http_connect_timeout_seconds: float = Field(5, gt=0)
+    fiscalised_marker_ttl_seconds: int = Field(30 * DAY, ge=60)
+    audit_ttl_seconds: int = Field(90 * DAY, ge=60)
+    audit_max_attempts: int = Field(50, ge=1)
+    dlq_max_entries: int = Field(100_000, ge=1)
+    log_level: str = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("clopos_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("clopos_integrator_id")
+    @classmethod
+    def _integrator(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    # --- derived ---------------------------------------------------------------------
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL with any password masked, fit for logs and CLI output."""
+        return redact_url(self.redis_url.get_secret_value())
+
+    def clopos_credentials(self) -> dict[str, BrandCredentials]:
+        """Credentials per brand, validated; raises SettingsError naming the variable."""
+        if not self.clopos_integrator_id:
+            raise SettingsError(f"{ENV_PREFIX}CLOPOS_INTEGRATOR_ID: not set")
+        return load_credentials_file(self.clopos_credentials_file)
+
+
+def load_credentials_file(path: Path | None) -> dict[str, BrandCredentials]:
+    var = f"{ENV_PREFIX}CLOPOS_CREDENTIALS_FILE"
+    if path is None:
+        raise SettingsError(f"{var}: not set")
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"{var}: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{var}: cannot read {path}: {exc.__class__.__name__}") from None
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{var}: {path} is not valid JSON (line {exc.lineno})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise SettingsError(f"{var}: {path} must be a non-empty JSON object keyed by brand")
+    credentials: dict[str, BrandCredentials] = {}
+    for brand, entry in raw.items():
+        if not BRAND_PATTERN.match(brand):
+            raise SettingsError(f"{var}: brand {brand[:70]!r} is not 1-64 chars of A-Za-z0-9_.-")
+        try:
+            credentials[brand] = BrandCredentials.model_validate(entry)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "entry"
+            raise SettingsError(f"{var}: brand {brand!r}: {field}: {first['msg']}") from None
+    return credentials
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def load_settings() -> Settings:
+    """Build Settings from the environment; one-line SettingsError on a bad value."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = f"{ENV_PREFIX}{str(first['loc'][0]).upper()}" if first["loc"] else ENV_PREFIX
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{name}: {message}") from None
+
+
+@cache
+def get_settings() -> Settings:
+    return load_settings()
