@@ -23,6 +23,12 @@ def token_refresh_lock(brand: str) -> str:
     return f"{PREFIX}:token:{brand}:refresh-lock"
 
 
+def token_auth_failure(brand: str) -> str:
+    """string: the last /v2/auth rejection of the brand (no secret); TTL ~10 s, so other
+    processes fail fast instead of each spending the auth budget."""
+    return f"{PREFIX}:token:{brand}:auth-failure"
+
+
 def result(result_id: str) -> str:
     """hash: one result not finished yet (fields, attempts, dispatch); deleted when it
     finishes (fiscalised or dead-lettered); TTL = both retry windows + a day, as a backstop."""

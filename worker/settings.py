@@ -67,6 +67,21 @@ class Settings(BaseSettings):
     audit_ttl_seconds: int = Field(90 * DAY, ge=60)
     audit_max_attempts: int = Field(50, ge=1)
     dlq_max_entries: int = Field(100_000, ge=1)
+    # Retry policy (worker/retry.py explains each number).
+    retry_base_seconds: float = Field(1.0, gt=0)
+    retry_max_delay_seconds: float = Field(300.0, gt=0)
+    not_ready_max_delay_seconds: float = Field(60.0, gt=0)
+    # Results published to the Celery queue at most at once; the rest wait, due, in the
+    # schedule. Keeps queued messages few, so none outlives its lease while queued.
+    max_queued: int = Field(500, ge=1)
+    # Leases of worker/store.py: a result whose worker died is re-driven when its lease
+    # lapses. run: longer than one API call with its timeouts; queue: than a short queue.
+    run_lease_seconds: float = Field(60.0, gt=0)
+    queue_lease_seconds: float = Field(120.0, gt=0)
+    # Per-receipt lock (worker/idempotency.py): longer than a GET + auth + PATCH can take.
+    receipt_lock_seconds: float = Field(120.0, gt=0)
+    # A stream entry read by a consumer that died is claimed by another after this idle time.
+    claim_idle_seconds: float = Field(30.0, gt=0)
     log_level: str = "INFO"
 
     @field_validator("redis_url")

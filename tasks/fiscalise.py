@@ -1,0 +1,75 @@
+"""The fiscalise task: a thin shell that runs worker.pipeline for one result.
+
+Arguments are ids only (result id, dispatch number) plus brand and receipt id for Flower;
+the result itself is read from Redis, so a task never carries a secret or a stale copy.
+
+Task states, as Flower shows them:
+  SUCCESS  fiscalised, already done, absorbed duplicate, or a stale/finished delivery
+  RETRY    parked in the schedule until its next try (no ETA message is held anywhere)
+  FAILURE  dead-lettered: DeadLettered names the reason and the dead-letter id
+A Redis error mid-task is never a failed-and-acked task: the result's lease in Redis lapses
+and the dispatcher publishes it again (celery-pitfalls #3); the task shows RETRY.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import redis
+from celery import Task
+from celery.exceptions import Retry
+
+from worker.app import app
+from worker.logs import kv
+from worker.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "fiscal.fiscalise"
+
+
+class DeadLettered(Exception):
+    """The result was moved to the dead-letter store; the task ends as FAILURE."""
+
+    def __init__(self, reason: str, dlq_id: str, detail: str) -> None:
+        super().__init__(f"{reason} dlq_id={dlq_id}: {detail}")
+        self.reason, self.dlq_id = reason, dlq_id
+
+
+@app.task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+def fiscalise(
+    self: Task, rid: str, dispatch: int, brand: str | None = None, receipt_id: int | None = None
+) -> str:
+    try:
+        outcome = get_runtime().fiscaliser.run(rid, int(dispatch))
+    except redis.RedisError as exc:
+        log.warning(
+            kv(
+                "task_redis_error",
+                rid=rid,
+                brand=brand,
+                receipt_id=receipt_id,
+                error=exc.__class__.__name__,
+            )
+        )
+        raise Retry(
+            f"Redis unavailable ({exc.__class__.__name__}); the schedule re-drives it", exc
+        ) from None
+    if outcome.kind == "dead_lettered":
+        raise DeadLettered(outcome.reason or "?", outcome.dlq_id or "?", outcome.detail)
+    if outcome.kind == "parked" and outcome.due is not None:
+        when = datetime.fromtimestamp(outcome.due, UTC)
+        raise Retry(
+            f"parked until {when.isoformat(timespec='seconds')}: {outcome.detail}", when=when
+        )
+    return f"{outcome.kind}: {outcome.detail}" if outcome.detail else outcome.kind
+
+
+def publish(rid: str, dispatch: int, brand: str, receipt_id: str) -> None:
+    """Put one result's task on the queue (the task id is the result id, for Flower)."""
+    fiscalise.apply_async(
+        args=[rid, dispatch],
+        kwargs={"brand": brand, "receipt_id": int(receipt_id) if receipt_id.isdigit() else None},
+        task_id=rid,
+    )

@@ -1,0 +1,102 @@
+"""The Celery app, `worker.app:app` (contract §1): Redis broker, JSON only, at-least-once.
+
+    celery -A worker.app worker --loglevel INFO
+    celery -A worker.app flower
+
+Every setting below guards against one way Celery on Redis loses or doubles work
+(../shared/celery-pitfalls.md); the comment says which.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.signals import after_setup_logger, celeryd_init
+
+from worker.logs import install_redaction, quiet_libraries
+from worker.settings import SettingsError, get_settings
+
+QUEUE = "fiscal"
+
+# Longer than any task can run (time limit below), so a running task's message is never
+# handed to a second worker by the restore sweep. Recovery after a crash does not wait for
+# it: the result's own lease in Redis (worker/store.py) re-drives it within ~2 minutes.
+VISIBILITY_TIMEOUT_SECONDS = 3600
+TASK_SOFT_TIME_LIMIT_SECONDS = 150
+TASK_TIME_LIMIT_SECONDS = 180
+
+try:
+    _settings = get_settings()
+except SettingsError as _exc:
+    print(f"fiscal-worker: {_exc}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+app = Celery("fiscal-worker", include=["tasks.fiscalise"])
+app.conf.update(
+    broker_url=_settings.redis_url.get_secret_value(),
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+    # JSON only, never pickle.
+    task_serializer="json",
+    result_serializer="json",
+    event_serializer="json",
+    accept_content=["json"],
+    # Outcomes live in Redis (dead-letter store, audit trail); no result backend needed.
+    task_ignore_result=True,
+    task_default_queue=QUEUE,
+    # At-least-once: ack after the task ran; a killed child's message goes back to the queue.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # Pitfall 6: no hoarding; the queue length tells the autoscaler the truth.
+    worker_prefetch_multiplier=1,
+    # Flower sees every task.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    task_soft_time_limit=TASK_SOFT_TIME_LIMIT_SECONDS,
+    task_time_limit=TASK_TIME_LIMIT_SECONDS,
+    worker_hijack_root_logger=True,
+)
+
+
+class FiscalWorkerStep(bootsteps.StartStopStep):
+    """Runs the ingest consumer and the dispatcher (worker/service.py) beside the pool."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.service: Any = None
+
+    def start(self, parent: Any) -> None:
+        from tasks.fiscalise import publish
+        from worker.runtime import get_runtime
+        from worker.service import WorkerService
+
+        self.service = WorkerService(get_runtime(), publish, QUEUE)
+        self.service.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.service is not None:
+            self.service.stop()
+
+
+app.steps["worker"].add(FiscalWorkerStep)
+
+
+@celeryd_init.connect
+def _check_worker_settings(**_: Any) -> None:
+    """A worker needs Clopos credentials: fail at start with one line, not a traceback."""
+    try:
+        _settings.clopos_credentials()
+    except SettingsError as exc:
+        print(f"fiscal-worker: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+@after_setup_logger.connect
+def _redact_logs(logger: logging.Logger, **_: Any) -> None:
+    install_redaction(logger)
+    quiet_libraries()

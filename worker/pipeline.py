@@ -1,0 +1,286 @@
+"""One run of one result: from its stored record to fiscalised, parked or dead-lettered.
+
+Follow a result top to bottom in `Fiscaliser.run`:
+  begin (only the current dispatch runs) -> credentials -> fiscalised marker -> receipt lock
+  -> GET -> decide() -> PATCH -> finish; every failure class has one handler below.
+The Celery task (tasks/fiscalise.py) is a thin shell that maps the Outcome to a task state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+
+from worker import keys
+from worker.audit import AuditTrail
+from worker.clopos import CloposClient
+from worker.decide import Action, confirms, decide
+from worker.dlq import DeadLetterStore
+from worker.errors import (
+    AuthError,
+    CloposError,
+    NotReadyError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+from worker.idempotency import FiscalisedMarkers, ReceiptLock
+from worker.logs import kv
+from worker.retry import RetryPolicy
+from worker.settings import BrandCredentials
+from worker.store import ResultRecord, ResultStore
+
+log = logging.getLogger(__name__)
+
+BUSY_RECEIPT_WAIT_SECONDS = 1.0  # another worker holds the receipt: look again shortly
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # fiscalised | already_done | duplicate | dead_lettered | parked | gone | stale
+    detail: str = ""
+    reason: str | None = None  # dead-letter reason
+    dlq_id: str | None = None
+    due: float | None = None  # parked until
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Fiscaliser:
+    def __init__(
+        self,
+        *,
+        redis_client: redis.Redis,
+        store: ResultStore,
+        client: CloposClient,
+        credentials: Mapping[str, BrandCredentials],
+        dlq: DeadLetterStore,
+        audit: AuditTrail,
+        markers: FiscalisedMarkers,
+        policy: RetryPolicy,
+        worker_name: str,
+        lock_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.lock_seconds = lock_seconds
+        self.redis = redis_client
+        self.store = store
+        self.client = client
+        self.credentials = credentials
+        self.dlq = dlq
+        self.audit = audit
+        self.markers = markers
+        self.policy = policy
+        self.worker_name = worker_name
+        self.clock = clock
+
+    # --- the path of one result -------------------------------------------------------------
+    def run(self, rid: str, dispatch: int) -> Outcome:
+        begun = self.store.begin(rid, dispatch, self.clock())
+        if isinstance(begun, str):
+            return Outcome(begun, "finished already" if begun == "gone" else "superseded")
+        record = begun
+        if record.brand not in self.credentials:
+            return self._dead_letter(
+                record, "unknown_brand", f"no credentials for brand {record.brand!r}"
+            )
+        absorbed = self._check_marker(record)
+        if absorbed is not None:
+            return absorbed
+        lock = ReceiptLock(
+            self.redis, record.brand, record.receipt_id, f"{rid}:{dispatch}", self.lock_seconds
+        )
+        if not lock.acquire():
+            due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
+            return self._park(record, due, "receipt busy in another worker", counted=False)
+        try:
+            absorbed = self._check_marker(record)  # the holder before us may have finished it
+            if absorbed is not None:
+                return absorbed
+            record.attempts += 1
+            return self._apply(record, lock)
+        except CloposError as exc:
+            return self._failed(record, exc)
+        finally:
+            lock.release()
+
+    def _apply(self, record: ResultRecord, lock: ReceiptLock) -> Outcome:
+        self.store.renew(record, self.clock())
+        got = self.client.get_receipt(record.brand, record.receipt_id, record.venue_id)
+        receipt = got.data.get("data")
+        if not isinstance(receipt, dict):
+            raise TransientError("GET answered without a receipt object", http_status=got.status)
+        self._attempt(record, "GET", got.status, "ok")
+        decision = decide(receipt, record.fiscal_id)
+        if decision.action is Action.CONFLICT:
+            return self._dead_letter(record, "fiscal_id_conflict", decision.detail, got.status)
+        if decision.action is Action.NOT_CLOSED:
+            return self._not_ready(record, NotReadyError(decision.detail, http_status=got.status))
+        if decision.action is Action.DONE:
+            return self._finish(record, "already_done", decision.detail)
+        if not (lock.extend() and self.store.renew(record, self.clock())):
+            # Lost the lock or the result was re-driven: let the current holder decide.
+            return self._park(record, self.clock() + BUSY_RECEIPT_WAIT_SECONDS, "lease lost", False)
+        patched = self.client.patch_receipt(
+            record.brand, record.receipt_id, decision.fields, record.venue_id
+        )
+        after = patched.data.get("data")
+        self._attempt(record, "PATCH", patched.status, "ok")
+        if isinstance(after, dict) and not confirms(after, record.fiscal_id):
+            # Somebody else wrote the receipt between our GET and PATCH; look again.
+            raise TransientError(
+                "PATCH response does not show our fiscal_id locked", http_status=200
+            )
+        return self._finish(record, "fiscalised", decision.detail, patched=True)
+
+    def _check_marker(self, record: ResultRecord) -> Outcome | None:
+        marked = self.markers.get(record.brand, record.receipt_id)
+        if marked is None:
+            return None
+        if marked == record.fiscal_id:
+            return self._finish(record, "duplicate", "already fiscalised by this worker")
+        return self._dead_letter(
+            record, "fiscal_id_conflict", f"receipt was fiscalised with fiscal_id {marked!r}"
+        )
+
+    # --- failures: one handler per error class --------------------------------------------
+    def _failed(self, record: ResultRecord, exc: CloposError) -> Outcome:
+        self._attempt(record, exc.call or "call", exc.http_status, exc.kind)
+        if isinstance(exc, RateLimitedError):
+            due = self.clock() + self.policy.rate_limit_wait(exc.retry_after)
+            return self._park(record, due, str(exc), exc.http_status, counted=False)
+        if isinstance(exc, PermanentError):
+            return self._dead_letter(record, "validation_failed", str(exc), exc.http_status)
+        if isinstance(exc, NotReadyError):
+            return self._not_ready(record, exc)
+        if isinstance(exc, AuthError):
+            record.auth_failures += 1
+            retry = self.policy.auth(record.auth_failures, self.clock())
+            if retry.due is None:
+                return self._dead_letter(record, "auth_failed", str(exc), exc.http_status)
+            return self._park(record, retry.due, str(exc), exc.http_status)
+        now = self.clock()
+        record.failures += 1
+        record.transient_since = record.transient_since or now
+        retry = self.policy.transient(record.failures, record.transient_since, now)
+        if retry.due is None:
+            return self._dead_letter(record, "retries_exhausted", str(exc), exc.http_status)
+        return self._park(record, retry.due, str(exc), exc.http_status)
+
+    def _not_ready(self, record: ResultRecord, exc: NotReadyError) -> Outcome:
+        now = self.clock()
+        record.failures += 1
+        record.not_ready_since = record.not_ready_since or now
+        retry = self.policy.not_ready(record.failures, record.not_ready_since, now)
+        if retry.due is not None:
+            return self._park(record, retry.due, exc.message, exc.http_status)
+        reason = "receipt_not_found" if exc.http_status == 404 else "receipt_not_closed"
+        return self._dead_letter(record, reason, exc.message, exc.http_status)
+
+    # --- outcomes: each is one transaction -------------------------------------------------
+    def _park(
+        self,
+        record: ResultRecord,
+        due: float,
+        error: str,
+        http_status: int | None = None,
+        counted: bool = True,
+    ) -> Outcome:
+        if counted:
+            record.last_error, record.last_status = error, http_status
+        pipe = self.redis.pipeline(transaction=True)
+        self.store.park(record, due, pipe)
+        pipe.hincrby(keys.COUNTERS, "retries_scheduled", 1)
+        pipe.execute()
+        log.info(
+            kv(
+                "result_parked",
+                rid=record.rid,
+                brand=record.brand,
+                receipt_id=record.receipt_id,
+                wait=round(due - self.clock(), 2),
+                error=error,
+            )
+        )
+        return Outcome("parked", error, due=due)
+
+    def _finish(
+        self, record: ResultRecord, kind: str, detail: str, patched: bool = False
+    ) -> Outcome:
+        pipe = self.redis.pipeline(transaction=True)
+        self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipe)
+        self.audit.set_state(
+            record.brand, record.receipt_id, "fiscalised", fiscal_id=record.fiscal_id, pipeline=pipe
+        )
+        self.store.forget(record.rid, pipe)
+        pipe.hincrby(keys.COUNTERS, kind, 1)
+        if patched:
+            pipe.hincrby(keys.COUNTERS, "patches", 1)
+        pipe.execute()
+        log.info(
+            kv(
+                "result_" + kind,
+                rid=record.rid,
+                brand=record.brand,
+                receipt_id=record.receipt_id,
+                fiscal_id=record.fiscal_id,
+                attempts=record.attempts,
+            )
+        )
+        return Outcome(kind, detail)
+
+    def _dead_letter(
+        self, record: ResultRecord, reason: str, error: str, http_status: int | None = None
+    ) -> Outcome:
+        now = self.clock()
+        pipe = self.redis.pipeline(transaction=True)
+        dlq_id = self.dlq.add(
+            reason=reason,
+            payload=record.payload,
+            error=error,
+            receipt_id=record.receipt_id,
+            brand=record.brand,
+            fiscal_id=record.fiscal_id,
+            attempts=record.attempts,
+            first_seen=iso(record.first_seen),
+            last_seen=iso(now),
+            http_status=http_status if http_status is not None else record.last_status,
+            result=record.result,
+            result_id=record.rid,
+            pipeline=pipe,
+        )
+        self.audit.set_state(
+            record.brand,
+            record.receipt_id,
+            "dead_lettered",
+            fiscal_id=record.fiscal_id,
+            dlq_id=dlq_id,
+            pipeline=pipe,
+        )
+        self.store.forget(record.rid, pipe)
+        pipe.hincrby(keys.COUNTERS, f"dead_lettered:{reason}", 1)
+        pipe.execute()
+        log.warning(
+            kv(
+                "result_dead_lettered",
+                rid=record.rid,
+                brand=record.brand,
+                receipt_id=record.receipt_id,
+                reason=reason,
+                dlq_id=dlq_id,
+                error=error,
+            )
+        )
+        return Outcome("dead_lettered", error, reason=reason, dlq_id=dlq_id)
+
+    def _attempt(self, record: ResultRecord, call: str, status: int | None, outcome: str) -> None:
+        self.audit.record_attempt(
+            record.brand, record.receipt_id, call=call, http_status=status, outcome=outcome
+        )

@@ -1,0 +1,103 @@
+"""The per-process objects (Redis, HTTP client, token provider, stores), built once per pid.
+
+Prefork children build their own after the fork: sockets are never shared across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from worker.audit import AuditTrail
+from worker.clopos import CloposClient
+from worker.dlq import DeadLetterStore
+from worker.idempotency import FiscalisedMarkers
+from worker.pipeline import Fiscaliser
+from worker.redis_conn import redis_client
+from worker.retry import RetryPolicy
+from worker.settings import Settings, get_settings
+from worker.store import RECORD_TTL_SLACK_SECONDS, ResultStore
+from worker.tokens import TokenProvider
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    store: ResultStore
+    dlq: DeadLetterStore
+    audit: AuditTrail
+    markers: FiscalisedMarkers
+    client: CloposClient
+    tokens: TokenProvider
+    fiscaliser: Fiscaliser
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    r = redis_client(settings)
+    credentials = settings.clopos_credentials()
+    client = CloposClient(
+        base_url=settings.clopos_base_url,
+        integrator_id=settings.clopos_integrator_id or "",
+        credentials=credentials,
+        timeout=settings.http_timeout_seconds,
+        connect_timeout=settings.http_connect_timeout_seconds,
+    )
+    tokens = TokenProvider(r, client.authenticate)
+    client.tokens = tokens
+    store = ResultStore(
+        r,
+        record_ttl=record_ttl(settings),
+        queue_lease=settings.queue_lease_seconds,
+        run_lease=settings.run_lease_seconds,
+    )
+    dlq = DeadLetterStore(r, max_entries=settings.dlq_max_entries)
+    audit = AuditTrail(
+        r, ttl_seconds=settings.audit_ttl_seconds, max_attempts=settings.audit_max_attempts
+    )
+    markers = FiscalisedMarkers(r, ttl_seconds=settings.fiscalised_marker_ttl_seconds)
+    policy = RetryPolicy(
+        transient_window=settings.transient_retry_window_seconds,
+        not_ready_window=settings.not_ready_retry_window_seconds,
+        base=settings.retry_base_seconds,
+        transient_cap=settings.retry_max_delay_seconds,
+        not_ready_cap=settings.not_ready_max_delay_seconds,
+    )
+    fiscaliser = Fiscaliser(
+        redis_client=r,
+        store=store,
+        client=client,
+        credentials=credentials,
+        dlq=dlq,
+        audit=audit,
+        markers=markers,
+        policy=policy,
+        worker_name=f"{socket.gethostname()}:{os.getpid()}",
+        lock_seconds=settings.receipt_lock_seconds,
+    )
+    return Runtime(settings, r, store, dlq, audit, markers, client, tokens, fiscaliser)
+
+
+def record_ttl(settings: Settings) -> int:
+    windows = settings.transient_retry_window_seconds + settings.not_ready_retry_window_seconds
+    return int(windows + RECORD_TTL_SLACK_SECONDS)
+
+
+_lock = threading.Lock()
+_runtimes: dict[int, Runtime] = {}
+
+
+def get_runtime() -> Runtime:
+    pid = os.getpid()
+    with _lock:
+        runtime = _runtimes.get(pid)
+        if runtime is None:
+            runtime = _runtimes[pid] = build_runtime(get_settings())
+        return runtime

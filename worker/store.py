@@ -1,0 +1,256 @@
+"""The durable record of every result not finished yet, and the schedule that drives it.
+
+Each accepted result is a hash (keys.result) plus one member of a sorted set
+(keys.SCHEDULE) whose score is the unix time the result next needs attention:
+
+    queued    score = now + QUEUE_LEASE    published to Celery, waiting in the queue
+    running   score = now + RUN_LEASE      a task has it; renewed before every API call
+    parked    score = retry due time       waiting out a backoff, a 429 or a busy receipt
+    due       score <= now                 the dispatcher publishes it (again)
+
+A result leaves both only when it is finished (fiscalised or dead-lettered), in the same
+transaction that records the outcome. So whatever Celery or the transport loses — a SIGKILL
+between fetch and the unacked record, a task failed by a Redis error, a message dropped by
+a restart — its lease lapses and the dispatcher publishes it again: delivery does not rest
+on the broker's visibility timeout. Each publication bumps `dispatch`; a task carrying an
+older number is a stale duplicate and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker import keys
+
+QUEUE_LEASE_SECONDS = 120.0  # published, not started yet: longer than a short queue takes
+RUN_LEASE_SECONDS = 60.0  # started: longer than one API call with its timeouts (~25 s)
+# (both are settings: FISCAL_QUEUE_LEASE_SECONDS, FISCAL_RUN_LEASE_SECONDS)
+RECORD_TTL_SLACK_SECONDS = 86_400  # backstop TTL beyond the retry windows
+
+# KEYS: result hash, schedule. ARGV: rid, fields-json, score, ttl.
+# Creates the record only if new, so a re-claimed stream entry cannot reset a result.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local fields = cjson.decode(ARGV[2])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: schedule. ARGV: now, limit, lease-until, result-key prefix.
+# Takes up to `limit` due results, leases them, bumps their dispatch number.
+# Returns a flat list rid, dispatch, brand, receipt_id, ...; drops orphans.
+_CLAIM_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, rid in ipairs(due) do
+  local key = ARGV[4] .. rid
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[3], rid)
+    local d = redis.call('HINCRBY', key, 'dispatch', 1)
+    local meta = redis.call('HMGET', key, 'brand', 'receipt_id')
+    table.insert(out, rid); table.insert(out, d)
+    table.insert(out, meta[1] or ''); table.insert(out, meta[2] or '')
+  else
+    redis.call('ZREM', KEYS[1], rid)
+  end
+end
+return out
+"""
+
+# KEYS: result hash, schedule. ARGV: rid, dispatch, lease-until.
+# A task starts: only the current dispatch may run; it leases the result for RUN_LEASE.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[2] then return {'stale'} end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: result hash, schedule. ARGV: rid, dispatch, lease-until. Renew a running lease.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[2] then return 0 end
+return redis.call('ZADD', KEYS[2], 'XX', 'CH', ARGV[3], ARGV[1]) + 1
+"""
+
+
+@dataclass
+class ResultRecord:
+    """One unfinished result as stored; `result` is the validated ingest entry."""
+
+    rid: str
+    result: dict[str, Any]
+    payload: str
+    first_seen: float
+    dispatch: int = 0
+    attempts: int = 0  # task runs that reached the API
+    failures: int = 0  # consecutive failed attempts, for the backoff
+    not_ready_since: float | None = None
+    transient_since: float | None = None
+    auth_failures: int = 0
+    last_error: str | None = None
+    last_status: int | None = None
+
+    @property
+    def brand(self) -> str:
+        return str(self.result["brand"])
+
+    @property
+    def receipt_id(self) -> int:
+        return int(self.result["receipt_id"])
+
+    @property
+    def fiscal_id(self) -> str:
+        return str(self.result["fiscal_id"])
+
+    @property
+    def venue_id(self) -> int | None:
+        value = self.result.get("venue_id")
+        return int(value) if value is not None else None
+
+    @classmethod
+    def from_hash(cls, rid: str, raw: Mapping[str, str]) -> ResultRecord:
+        def opt_float(name: str) -> float | None:
+            value = raw.get(name)
+            return float(value) if value not in (None, "") else None
+
+        status = raw.get("last_status")
+        return cls(
+            rid=rid,
+            result=json.loads(raw["result"]),
+            payload=raw.get("payload", ""),
+            first_seen=float(raw["first_seen"]),
+            dispatch=int(raw.get("dispatch", 0)),
+            attempts=int(raw.get("attempts", 0)),
+            failures=int(raw.get("failures", 0)),
+            not_ready_since=opt_float("not_ready_since"),
+            transient_since=opt_float("transient_since"),
+            auth_failures=int(raw.get("auth_failures", 0)),
+            last_error=raw.get("last_error") or None,
+            last_status=int(status) if status not in (None, "") else None,
+        )
+
+
+@dataclass(frozen=True)
+class Claimed:
+    rid: str
+    dispatch: int
+    brand: str
+    receipt_id: str
+
+
+def _flatten(record_fields: Mapping[str, Any]) -> dict[str, str]:
+    return {k: ("" if v is None else str(v)) for k, v in record_fields.items()}
+
+
+class ResultStore:
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        *,
+        record_ttl: int,
+        queue_lease: float = QUEUE_LEASE_SECONDS,
+        run_lease: float = RUN_LEASE_SECONDS,
+    ) -> None:
+        self.redis = redis_client
+        self.record_ttl = record_ttl
+        self.queue_lease = queue_lease
+        self.run_lease = run_lease
+        self._create = redis_client.register_script(_CREATE)
+        self._claim_due = redis_client.register_script(_CLAIM_DUE)
+        self._begin = redis_client.register_script(_BEGIN)
+        self._renew = redis_client.register_script(_RENEW)
+
+    def create(
+        self,
+        rid: str,
+        result: Mapping[str, Any],
+        payload: str,
+        *,
+        score: float,
+        now: float,
+        dispatch: int = 0,
+    ) -> bool:
+        """Record a new result scheduled at `score`; False if it already exists.
+
+        `dispatch=1` with a queue lease as score when the caller publishes it right away;
+        `dispatch=0` with score `now` leaves it due for the dispatcher."""
+        fields = {
+            "result": json.dumps(dict(result), separators=(",", ":")),
+            "payload": payload,
+            "brand": result["brand"],
+            "receipt_id": result["receipt_id"],
+            "first_seen": repr(now),
+            "dispatch": dispatch,
+        }
+        created = self._create(
+            keys=[keys.result(rid), keys.SCHEDULE],
+            args=[rid, json.dumps(_flatten(fields)), repr(score), self.record_ttl],
+        )
+        return bool(created)
+
+    def claim_due(self, now: float, limit: int) -> list[Claimed]:
+        flat = self._claim_due(
+            keys=[keys.SCHEDULE],
+            args=[repr(now), limit, repr(now + self.queue_lease), keys.result("")],
+        )
+        return [
+            Claimed(str(flat[i]), int(flat[i + 1]), str(flat[i + 2]), str(flat[i + 3]))
+            for i in range(0, len(flat), 4)
+        ]
+
+    def begin(self, rid: str, dispatch: int, now: float) -> ResultRecord | str:
+        """The record if this dispatch may run, else 'gone' (finished) or 'stale'."""
+        reply = self._begin(
+            keys=[keys.result(rid), keys.SCHEDULE],
+            args=[rid, dispatch, repr(now + self.run_lease)],
+        )
+        if reply[0] != "ok":
+            return str(reply[0])
+        flat = reply[1]
+        raw = {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return ResultRecord.from_hash(rid, raw)
+
+    def renew(self, record: ResultRecord, now: float) -> bool:
+        """Extend the running lease; False if a newer dispatch took the result over."""
+        renewed = self._renew(
+            keys=[keys.result(record.rid), keys.SCHEDULE],
+            args=[record.rid, record.dispatch, repr(now + self.run_lease)],
+        )
+        return bool(renewed)
+
+    def park(self, record: ResultRecord, due: float, pipe: redis.client.Pipeline) -> None:
+        """Queue on `pipe`: save the record's counters and schedule it at `due`."""
+        pipe.hset(
+            keys.result(record.rid),
+            mapping=_flatten(
+                {
+                    "attempts": record.attempts,
+                    "failures": record.failures,
+                    "not_ready_since": record.not_ready_since,
+                    "transient_since": record.transient_since,
+                    "auth_failures": record.auth_failures,
+                    "last_error": record.last_error,
+                    "last_status": record.last_status,
+                }
+            ),
+        )
+        pipe.zadd(keys.SCHEDULE, {record.rid: due}, xx=True)
+
+    def forget(self, rid: str, pipe: redis.client.Pipeline) -> None:
+        """Queue on `pipe`: the result is finished; drop its record and schedule entry."""
+        pipe.delete(keys.result(rid))
+        pipe.zrem(keys.SCHEDULE, rid)
+
+    # --- for the CLI, metrics and tests ---------------------------------------------------
+    def pending_count(self) -> int:
+        return int(self.redis.zcard(keys.SCHEDULE))
+
+    def due_count(self, now: float) -> int:
+        return int(self.redis.zcount(keys.SCHEDULE, "-inf", now))

@@ -1,0 +1,141 @@
+"""One access token per brand, shared by every worker process through Redis.
+
+    reuse      a cached token is used until less than min(60 s, 10% of its lifetime) remains
+    refresh    one process at a time, under a Redis lock (LOCK_SECONDS); the others wait
+               for the new token (polling every POLL_SECONDS, up to WAIT_SECONDS) instead
+               of calling /v2/auth themselves: 20 processes starting at once make one call
+    rejected   a rejected auth is remembered for FAILURE_MEMORY_SECONDS, so waiting
+               processes fail fast instead of each spending the 60/min auth budget
+    invalidate on a 401 the caller drops the token it used (only that one: a newer token
+               another process just fetched is kept)
+
+The token lives in Redis under keys.token(brand) with a TTL no longer than its life; the
+client_secret never reaches Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+import redis
+
+from worker import keys
+from worker.clopos import Token
+from worker.errors import AuthError, TransientError
+from worker.logs import kv, register_secret
+
+log = logging.getLogger(__name__)
+
+REUSE_MARGIN_CAP = 60.0  # refresh when less than min(this, 10% of the lifetime) remains
+REUSE_MARGIN_FRACTION = 0.10
+LOCK_SECONDS = 20.0  # longer than one /v2/auth call can take (its timeouts)
+WAIT_SECONDS = 25.0  # how long a process waits for another's refresh before giving up
+POLL_SECONDS = 0.05
+FAILURE_MEMORY_SECONDS = 10.0
+
+# Delete the key only if it still holds the value we put there.
+_COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Drop the cached token only if it is the one that was rejected.
+_DROP_IF_CURRENT = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def reuse_margin(lifetime: float) -> float:
+    return min(REUSE_MARGIN_CAP, REUSE_MARGIN_FRACTION * lifetime)
+
+
+def is_fresh(token: Token, now: float) -> bool:
+    return token.expires_at - now > reuse_margin(token.lifetime)
+
+
+class TokenProvider:
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        authenticate: Callable[[str], Token],
+        *,
+        clock: Callable[[], float] = time.time,
+        wait_seconds: float = WAIT_SECONDS,
+    ) -> None:
+        self.redis = redis_client
+        self.authenticate = authenticate
+        self.clock = clock
+        self.wait_seconds = wait_seconds
+        self._unlock = redis_client.register_script(_COMPARE_AND_DELETE)
+        self._drop = redis_client.register_script(_DROP_IF_CURRENT)
+
+    def get(self, brand: str) -> str:
+        deadline = self.clock() + self.wait_seconds
+        while True:
+            cached = self._cached(brand)
+            if cached is not None:
+                return cached.value
+            self._raise_remembered_failure(brand)
+            owner = secrets.token_hex(8)
+            lock_key = keys.token_refresh_lock(brand)
+            if self.redis.set(lock_key, owner, nx=True, px=int(LOCK_SECONDS * 1000)):
+                try:
+                    return self._refresh(brand)
+                finally:
+                    self._unlock(keys=[lock_key], args=[owner])
+            if self.clock() >= deadline:
+                raise TransientError(
+                    f"timed out waiting for another process's token refresh of {brand}"
+                )
+            time.sleep(POLL_SECONDS)
+
+    def invalidate(self, brand: str, token: str) -> None:
+        if self._drop(keys=[keys.token(brand)], args=[token]):
+            log.info(kv("token_invalidated", brand=brand))
+
+    def _cached(self, brand: str) -> Token | None:
+        raw = self.redis.get(keys.token(brand))
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            token = Token(doc["token"], float(doc["expires_at"]), float(doc["lifetime"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable cache entry: refresh replaces it
+        if not is_fresh(token, self.clock()):
+            return None
+        register_secret(token.value)
+        return token
+
+    def _refresh(self, brand: str) -> str:
+        cached = self._cached(brand)  # someone may have refreshed while we took the lock
+        if cached is not None:
+            return cached.value
+        try:
+            token = self.authenticate(brand)
+        except AuthError as exc:
+            self.redis.set(
+                keys.token_auth_failure(brand),
+                str(exc)[:500],
+                px=int(FAILURE_MEMORY_SECONDS * 1000),
+            )
+            raise
+        ttl = token.expires_at - self.clock()
+        if ttl > 0:
+            doc = {"token": token.value, "expires_at": token.expires_at, "lifetime": token.lifetime}
+            self.redis.set(keys.token(brand), json.dumps(doc), px=max(1, int(ttl * 1000)))
+            self.redis.delete(keys.token_auth_failure(brand))
+        log.info(kv("token_refreshed", brand=brand, lifetime=int(token.lifetime)))
+        return token.value
+
+    def _raise_remembered_failure(self, brand: str) -> None:
+        remembered = self.redis.get(keys.token_auth_failure(brand))
+        if remembered is not None:
+            raise AuthError(
+                f"auth recently rejected: {remembered}", error_code="auth_recently_failed"
+            )
