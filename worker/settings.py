@@ -144,7 +144,7 @@ def load_credentials_file(path: Path | None) -> dict[str, BrandCredentials]:
         raise SettingsError(f"{var}: {path} must be a non-empty JSON object keyed by brand")
     credentials: dict[str, BrandCredentials] = {}
     for brand, entry in raw.items():
-        if not BRAND_PATTERN.match(brand):
+        if not BRAND_PATTERN.fullmatch(brand):
             raise SettingsError(f"{var}: brand {brand[:70]!r} is not 1-64 chars of A-Za-z0-9_.-")
         try:
             credentials[brand] = BrandCredentials.model_validate(entry)
