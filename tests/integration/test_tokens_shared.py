@@ -20,9 +20,13 @@ def make_client(redis_url: str, base_url: str) -> CloposClient:
     client = CloposClient(
         base_url=base_url,
         integrator_id="fake-integrator",
-        credentials={b: BrandCredentials(client_id=c, client_secret=s) for b, (c, s) in BRANDS.items()},
+        credentials={
+            b: BrandCredentials(client_id=c, client_secret=s) for b, (c, s) in BRANDS.items()
+        },
     )
-    client.tokens = TokenProvider(redis.Redis.from_url(redis_url, decode_responses=True), client.authenticate)
+    client.tokens = TokenProvider(
+        redis.Redis.from_url(redis_url, decode_responses=True), client.authenticate
+    )
     return client
 
 
@@ -35,7 +39,10 @@ def ask_for_tokens(redis_url: str, base_url: str, barrier, out) -> None:
 def run_processes(redis_url: str, base_url: str, n: int = 8) -> list[tuple[str, ...]]:
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=ask_for_tokens, args=(redis_url, base_url, barrier, out)) for _ in range(n)]
+    procs = [
+        ctx.Process(target=ask_for_tokens, args=(redis_url, base_url, barrier, out))
+        for _ in range(n)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=60) for _ in procs]
