@@ -1,1 +1,1 @@
-"""fiscal-worker: applies fiscal-device results to closed Clopos receipts, exactly once in effect."""
+"""fiscal-worker: applies fiscal-device results to closed Clopos receipts, once in effect."""

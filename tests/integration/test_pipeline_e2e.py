@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from support import closed, dlq_entries, patches, wait_for, wait_finished, xadd
+from support import closed, dlq_entries, patches, wait_finished, wait_for, xadd
 
 from worker import keys
 

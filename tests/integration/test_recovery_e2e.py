@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from support import ROOT, closed, dlq_entries, patches, wait_for, wait_finished, xadd
+from support import ROOT, closed, dlq_entries, patches, wait_finished, wait_for, xadd
 
 from worker import keys
 
@@ -94,13 +94,15 @@ def test_lost_task_message_is_re_driven_from_the_schedule(r, fake, start_worker)
     w1.stop()
     # A result recorded and leased as queued, whose message never reached the broker.
     now = float(r.time()[0])
-    r.hset(
-        keys.result("lost-1"),
-        mapping={
-            "result": json.dumps({"receipt_id": 35, "brand": B, "fiscal_id": "F-35"}),
-            "payload": "{}", "brand": B, "receipt_id": "35", "first_seen": repr(now), "dispatch": "1",
-        },
-    )  # fmt: skip
+    record = {
+        "result": json.dumps({"receipt_id": 35, "brand": B, "fiscal_id": "F-35"}),
+        "payload": "{}",
+        "brand": B,
+        "receipt_id": "35",
+        "first_seen": repr(now),
+        "dispatch": "1",
+    }
+    r.hset(keys.result("lost-1"), mapping=record)
     r.zadd(keys.SCHEDULE, {"lost-1": now + 3})
     start_worker("w2")
     wait_finished(r, timeout=30)

@@ -1,6 +1,6 @@
 """First end-to-end: one closed receipt through a real worker."""
 
-from support import closed, patches, wait_for, wait_finished, xadd
+from support import closed, patches, wait_finished, wait_for, xadd
 
 
 def test_one_result_is_fiscalised(r, fake, start_worker):
