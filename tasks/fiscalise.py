@@ -30,14 +30,18 @@ TASK_NAME = "fiscal.fiscalise"
 
 
 class DeadLettered(Exception):
-    """The result was moved to the dead-letter store; the task ends as FAILURE."""
+    """The result was moved to the dead-letter store; the task ends as FAILURE.
 
-    def __init__(self, reason: str, dlq_id: str, detail: str) -> None:
-        super().__init__(f"{reason} dlq_id={dlq_id}: {detail}")
-        self.reason, self.dlq_id = reason, dlq_id
+    One string argument ("<reason> dlq_id=<id>: <detail>"), so Celery can serialise it."""
 
 
-@app.task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    bind=True,
+    name=TASK_NAME,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    throws=(DeadLettered,),  # an expected outcome: logged in one line, no traceback
+)
 def fiscalise(
     self: Task, rid: str, dispatch: int, brand: str | None = None, receipt_id: int | None = None
 ) -> str:
@@ -57,7 +61,7 @@ def fiscalise(
             f"Redis unavailable ({exc.__class__.__name__}); the schedule re-drives it", exc
         ) from None
     if outcome.kind == "dead_lettered":
-        raise DeadLettered(outcome.reason or "?", outcome.dlq_id or "?", outcome.detail)
+        raise DeadLettered(f"{outcome.reason} dlq_id={outcome.dlq_id}: {outcome.detail}")
     if outcome.kind == "parked" and outcome.due is not None:
         when = datetime.fromtimestamp(outcome.due, UTC)
         raise Retry(

@@ -195,8 +195,14 @@ class CloposClient:
         log.info(kv("clopos_auth_ok", brand=brand, lifetime=int(token.lifetime)))
         return token
 
-    def get_receipt(self, brand: str, receipt_id: int, venue_id: int | None = None) -> ApiResponse:
-        return self._authenticated("GET", brand, receipt_id, venue_id)
+    def get_receipt(
+        self,
+        brand: str,
+        receipt_id: int,
+        venue_id: int | None = None,
+        gate: Callable[[], None] | None = None,
+    ) -> ApiResponse:
+        return self._authenticated("GET", brand, receipt_id, venue_id, gate=gate)
 
     def patch_receipt(
         self,
@@ -204,11 +210,12 @@ class CloposClient:
         receipt_id: int,
         fields: Mapping[str, Any],
         venue_id: int | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> ApiResponse:
         unknown = set(fields) - UPDATABLE_FIELDS
         if unknown or not fields:
             raise ValueError(f"only {sorted(UPDATABLE_FIELDS)} may be sent, got {sorted(fields)}")
-        return self._authenticated("PATCH", brand, receipt_id, venue_id, dict(fields))
+        return self._authenticated("PATCH", brand, receipt_id, venue_id, dict(fields), gate)
 
     # --- plumbing ----------------------------------------------------------------------
     def _authenticated(
@@ -218,12 +225,17 @@ class CloposClient:
         receipt_id: int,
         venue_id: int | None,
         body: dict[str, Any] | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> ApiResponse:
+        """One call, and once more with a fresh token after a 401. `gate` runs before each
+        HTTP request (the rate budget's slot); it may raise to stop the call."""
         if self.tokens is None:
             raise RuntimeError("CloposClient.tokens is not set")
         path = f"/v2/receipts/{int(receipt_id)}"
         for attempt in (1, 2):
             token = self.tokens.get(brand)
+            if gate is not None:
+                gate()
             headers = {"x-token": token}
             if venue_id is not None:
                 headers["x-venue"] = str(int(venue_id))

@@ -1,9 +1,12 @@
 """Moves due results from the schedule (keys.SCHEDULE) into the Celery queue.
 
 Runs in every worker process (worker/service.py), so it scales with the pods and needs no
-leader: `ResultStore.claim_due` leases what it takes atomically. It publishes only while
-the Celery queue holds fewer than `max_queued` messages: a backlog waits in Redis, not in
-the broker and not in worker memory, and no queued message waits longer than its lease.
+leader: `ResultStore.admit_due` decides atomically. A due result either goes to the queue
+(its brand has a call slot within a second) or is parked until its reserved slot, so a
+brand's backlog is spread over its budget in Redis and another brand's result, due now,
+is published in the same pass. It publishes only while the Celery queue holds fewer than
+`max_queued` messages: no queued message waits longer than its lease, and nothing waits
+in worker memory.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from worker.logs import kv
-from worker.store import Claimed, ResultStore
+from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +42,14 @@ class Dispatcher:
         self.clock = clock
 
     def run_once(self) -> int:
-        """Publish what is due, as far as the queue has room; returns how many."""
+        """One admission pass; returns how many due results it handled (published or
+        parked until their slot), so the loop goes again at once while work is due."""
         room = self.max_queued - self.queue_length()
         if room <= 0:
             return 0
-        claimed: list[Claimed] = self.store.claim_due(self.clock(), min(room, BATCH))
-        for item in claimed:
+        admission = self.store.admit_due(self.clock(), min(room, BATCH))
+        for item in admission.publish:
             self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
-        if claimed:
-            log.debug(kv("dispatched", count=len(claimed)))
-        return len(claimed)
+        if admission.handled:
+            log.debug(kv("dispatched", published=len(admission.publish), parked=admission.parked))
+        return admission.handled

@@ -71,3 +71,13 @@ class RateLimitedError(CloposError):
     def __init__(self, message: str, *, retry_after: float, **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.retry_after = retry_after
+
+
+class Deferred(Exception):
+    """A call may not go now (no budget slot soon, brand paused, circuit open, failed-call
+    guard); the result waits until `until` without counting a failed attempt."""
+
+    def __init__(self, until: float, why: str) -> None:
+        super().__init__(why)
+        self.until = until
+        self.why = why

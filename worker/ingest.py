@@ -118,13 +118,29 @@ class IngestConsumer:
         return len(entries)
 
     def settle(self, entries: list[Entry]) -> None:
+        """Record the valid entries, publish those whose brand has a slot now, dead-letter
+        the invalid ones; acknowledge each only after that."""
+        accepted: list[tuple[Entry, FiscalResult]] = []
         for entry in entries:
             try:
-                result = self._parse(entry)
+                accepted.append((entry, self._parse(entry)))
             except InvalidMessage as exc:
                 self._dead_letter(entry, str(exc))
-                continue
-            self._accept(entry, result)
+        if not accepted:
+            return
+        now = self.clock()
+        created = [entry.entry_id for entry, result in accepted if self._record(entry, result, now)]
+        if created and self.queue_has_room():
+            admission = self.store.admit(created, now)
+            for item in admission.publish:
+                self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
+        # Anything not published now is due in the schedule: the dispatcher takes it from there.
+        pipe = self.redis.pipeline(transaction=True)
+        for entry, _ in accepted:
+            pipe.xack(self.stream, self.group, entry.entry_id)
+            pipe.xdel(self.stream, entry.entry_id)
+        pipe.execute()
+        self.store.redis.hincrby(keys.COUNTERS, "received", len(accepted))
 
     # --- one entry ----------------------------------------------------------------------------
     def _parse(self, entry: Entry) -> FiscalResult:
@@ -137,17 +153,14 @@ class IngestConsumer:
             )
         return parse_entry(data)
 
-    def _accept(self, entry: Entry, result: FiscalResult) -> None:
-        now = self.clock()
-        publish_now = self.queue_has_room()
-        doc = result.model_dump(mode="json", exclude_none=True)
+    def _record(self, entry: Entry, result: FiscalResult, now: float) -> bool:
+        """Store the result, due now; False if this entry was recorded before (re-claimed)."""
         created = self.store.create(
             entry.entry_id,
-            doc,
+            result.model_dump(mode="json", exclude_none=True),
             (entry.data or b"").decode("utf-8"),
-            score=now + self.store.queue_lease if publish_now else now,
+            score=now,
             now=now,
-            dispatch=1 if publish_now else 0,
         )
         if created:
             self.audit.record_received(
@@ -160,10 +173,6 @@ class IngestConsumer:
                 printed_at=result.printed_at,
                 extras=result.extras() or None,
             )
-            if publish_now:
-                self.publish(entry.entry_id, 1, result.brand, str(result.receipt_id))
-        self._ack(entry.entry_id)
-        self.store.redis.hincrby(keys.COUNTERS, "received", 1)
         log.info(
             kv(
                 "result_received",
@@ -172,10 +181,10 @@ class IngestConsumer:
                 receipt_id=result.receipt_id,
                 result_id=result.result_id,
                 device_id=result.device_id,
-                queued=publish_now,
                 duplicate_entry=not created,
             )
         )
+        return created
 
     def _dead_letter(self, entry: Entry, error: str) -> None:
         payload = entry.data if entry.data is not None else _describe_fields(entry.fields)

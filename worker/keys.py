@@ -29,6 +29,39 @@ def token_auth_failure(brand: str) -> str:
     return f"{PREFIX}:token:{brand}:auth-failure"
 
 
+def rate_prefix(brand: str) -> str:
+    """Prefix of the brand's rate-budget keys (worker/ratelimit.py):
+    <prefix>tat     string: next free call slot (unix s); TTL = until it + one window
+    <prefix>pause   string: paused until (after a 429); TTL = the pause
+    <prefix>calls   zset: our calls in the last window; trimmed each call, TTL one window
+    <prefix>others  string: other clients' estimated use of the budget; TTL one window"""
+    return f"{RATE_PREFIX}{brand}:"
+
+
+RATE_PREFIX = f"{PREFIX}:rate:"  # Lua scripts build rate_prefix(brand) from it
+
+
+# string: the deployment's next /v2/auth slot (unix s); TTL until it passes.
+AUTH_RATE = f"{PREFIX}:auth-rate"
+
+
+def breaker(brand: str) -> str:
+    """hash: the brand's circuit breaker (state, failures, until, cooldown); no TTL while
+    open, deleted when it closes. Bounded by the brands with credentials."""
+    return f"{PREFIX}:breaker:{brand}"
+
+
+def breaker_probe(brand: str) -> str:
+    """string: the one process probing an open circuit; TTL = probe timeout."""
+    return f"{PREFIX}:breaker:{brand}:probe"
+
+
+def failed_calls(minute: int) -> str:
+    """string counter: failed API calls (status >= 400 or none) in one minute, all brands;
+    TTL 3 minutes. Keeps retry storms well under Clopos' flood guard (600 failed/min/IP)."""
+    return f"{PREFIX}:failed-calls:{minute}"
+
+
 def result(result_id: str) -> str:
     """hash: one result not finished yet (fields, attempts, dispatch); deleted when it
     finishes (fiscalised or dead-lettered); TTL = both retry windows + a day, as a backstop."""
@@ -47,7 +80,10 @@ def receipt_lock(brand: str, receipt_id: int) -> str:
 
 def fiscalised(brand: str, receipt_id: int) -> str:
     """string: the fiscal_id this receipt was fiscalised with; TTL = marker TTL (30 days)."""
-    return f"{PREFIX}:fiscalised:{brand}:{receipt_id}"
+    return f"{FISCALISED_PREFIX}{brand}:{receipt_id}"
+
+
+FISCALISED_PREFIX = f"{PREFIX}:fiscalised:"  # Lua scripts build fiscalised() from it
 
 
 def audit(brand: str, receipt_id: int) -> str:

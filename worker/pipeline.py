@@ -3,12 +3,16 @@
 Follow a result top to bottom in `Fiscaliser.run`:
   begin (only the current dispatch runs) -> credentials -> fiscalised marker -> receipt lock
   -> GET -> decide() -> PATCH -> finish; every failure class has one handler below.
+Before every HTTP request `_gate` asks, in order: the brand's circuit breaker, the failed-
+call guard (for results that failed before), a 429 pause, and the brand's rate budget (the
+slot reserved at admission, or a new one); it sleeps a short wait, or defers the result.
 The Celery task (tasks/fiscalise.py) is a thin shell that maps the Outcome to a task state.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,12 +22,14 @@ import redis
 
 from worker import keys
 from worker.audit import AuditTrail
+from worker.breaker import CircuitBreaker, FailedCallGuard
 from worker.clopos import CloposClient
 from worker.decide import Action, confirms, decide
 from worker.dlq import DeadLetterStore
 from worker.errors import (
     AuthError,
     CloposError,
+    Deferred,
     NotReadyError,
     PermanentError,
     RateLimitedError,
@@ -31,6 +37,7 @@ from worker.errors import (
 )
 from worker.idempotency import FiscalisedMarkers, ReceiptLock
 from worker.logs import kv
+from worker.ratelimit import CALLS_PER_RESULT, BrandBudget
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
 from worker.store import ResultRecord, ResultStore
@@ -38,6 +45,16 @@ from worker.store import ResultRecord, ResultStore
 log = logging.getLogger(__name__)
 
 BUSY_RECEIPT_WAIT_SECONDS = 1.0  # another worker holds the receipt: look again shortly
+GUARD_SPREAD_SECONDS = 20.0  # results held by the failed-call guard resume spread this wide
+
+
+@dataclass
+class _Run:
+    """One execution of one result: which call of it comes next, and if it is a probe."""
+
+    record: ResultRecord
+    calls: int = 0
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,9 @@ class Fiscaliser:
         audit: AuditTrail,
         markers: FiscalisedMarkers,
         policy: RetryPolicy,
+        budget: BrandBudget,
+        breaker: CircuitBreaker,
+        guard: FailedCallGuard,
         worker_name: str,
         lock_seconds: float,
         clock: Callable[[], float] = time.time,
@@ -78,6 +98,9 @@ class Fiscaliser:
         self.audit = audit
         self.markers = markers
         self.policy = policy
+        self.budget = budget
+        self.breaker = breaker
+        self.guard = guard
         self.worker_name = worker_name
         self.clock = clock
 
@@ -100,20 +123,35 @@ class Fiscaliser:
         if not lock.acquire():
             due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
             return self._park(record, due, "receipt busy in another worker", counted=False)
+        run = _Run(record)
         try:
             absorbed = self._check_marker(record)  # the holder before us may have finished it
             if absorbed is not None:
                 return absorbed
-            record.attempts += 1
-            return self._apply(record, lock)
+            return self._apply(run, lock)
+        except Deferred as deferred:
+            return self._deferred(record, deferred)
         except CloposError as exc:
+            if run.calls == 0:
+                record.attempts += 1  # failed before its first request (auth): still a try
+            self._breaker_record(run, exc)
             return self._failed(record, exc)
+        except redis.RedisError:
+            raise  # infrastructure: the task shell leaves the result to its lease
+        except Exception as exc:
+            # A bug, not the API: keep the result and retry it like a transient failure, so
+            # it is never lost and never spins; the window ends it as retries_exhausted.
+            log.exception(kv("result_internal_error", rid=rid, brand=record.brand))
+            return self._failed(record, TransientError(f"internal error: {exc!r}"[:300]))
         finally:
             lock.release()
 
-    def _apply(self, record: ResultRecord, lock: ReceiptLock) -> Outcome:
-        self.store.renew(record, self.clock())
-        got = self.client.get_receipt(record.brand, record.receipt_id, record.venue_id)
+    def _apply(self, run: _Run, lock: ReceiptLock) -> Outcome:
+        record = run.record
+        got = self.client.get_receipt(
+            record.brand, record.receipt_id, record.venue_id, gate=lambda: self._gate(run)
+        )
+        self._breaker_record(run, None)
         receipt = got.data.get("data")
         if not isinstance(receipt, dict):
             raise TransientError("GET answered without a receipt object", http_status=got.status)
@@ -129,8 +167,13 @@ class Fiscaliser:
             # Lost the lock or the result was re-driven: let the current holder decide.
             return self._park(record, self.clock() + BUSY_RECEIPT_WAIT_SECONDS, "lease lost", False)
         patched = self.client.patch_receipt(
-            record.brand, record.receipt_id, decision.fields, record.venue_id
+            record.brand,
+            record.receipt_id,
+            decision.fields,
+            record.venue_id,
+            gate=lambda: self._gate(run),
         )
+        self._breaker_record(run, None)
         after = patched.data.get("data")
         self._attempt(record, "PATCH", patched.status, "ok")
         if isinstance(after, dict) and not confirms(after, record.fiscal_id):
@@ -139,6 +182,69 @@ class Fiscaliser:
                 "PATCH response does not show our fiscal_id locked", http_status=200
             )
         return self._finish(record, "fiscalised", decision.detail, patched=True)
+
+    # --- before and after every HTTP request ------------------------------------------------
+    def _gate(self, run: _Run) -> None:
+        """May the next call of this run go? Sleeps a short wait; raises Deferred otherwise."""
+        record, brand = run.record, run.record.brand
+        permit = self.breaker.allow(brand)
+        if not permit.allowed:
+            raise Deferred(permit.wait_until or self.clock() + 1, f"circuit open for {brand}")
+        run.probe = permit.probe
+        try:
+            self._await_budget(run)
+        except Deferred:
+            if permit.probe:
+                self.breaker.release_probe(brand)
+            raise
+        if run.calls == 0:
+            record.attempts += 1
+        run.calls += 1
+
+    def _await_budget(self, run: _Run) -> None:
+        record, brand = run.record, run.record.brand
+        if run.calls == 0 and (record.failures or record.not_ready_since):
+            blocked = self.guard.blocked_until()
+            if blocked is not None:
+                raise Deferred(
+                    blocked + random.uniform(0, GUARD_SPREAD_SECONDS), "failed-call guard"
+                )
+        paused = self.budget.paused_until(brand)
+        if paused is not None:
+            raise Deferred(paused, f"brand {brand} paused after a 429")
+        rate = self.budget.policy
+        if record.slot is not None and run.calls < CALLS_PER_RESULT:
+            slot = record.slot + run.calls * record.step  # reserved at admission
+        else:
+            reservation = self.budget.reserve(brand)
+            if not reservation.ok:
+                raise Deferred(reservation.start - rate.lead, f"no budget slot soon for {brand}")
+            slot = reservation.start
+        wait = slot - self.clock()
+        if wait > rate.short_wait + rate.lead:
+            raise Deferred(slot - rate.lead, f"budget slot of {brand} is later")
+        self.store.renew(record, self.clock())
+        if wait > 0:
+            time.sleep(wait)
+
+    def _breaker_record(self, run: _Run, exc: CloposError | None) -> None:
+        """A call's outcome for the brand's circuit: 5xx, timeouts and rejected auth fail it;
+        an answer about the receipt (even 404 or 400) shows the API works; a 429 is neither."""
+        if isinstance(exc, RateLimitedError):
+            return
+        failed = isinstance(exc, TransientError | AuthError)
+        change = self.breaker.record(run.record.brand, ok=not failed, probe=run.probe)
+        run.probe = False
+        if change.change:
+            log.warning(
+                kv(
+                    "circuit_" + change.change,
+                    brand=run.record.brand,
+                    cooldown=change.cooldown or None,
+                    error=str(exc) if exc else None,
+                )
+            )
+            self.redis.hincrby(keys.COUNTERS, "circuit_" + change.change, 1)
 
     def _check_marker(self, record: ResultRecord) -> Outcome | None:
         marked = self.markers.get(record.brand, record.receipt_id)
@@ -154,6 +260,8 @@ class Fiscaliser:
     def _failed(self, record: ResultRecord, exc: CloposError) -> Outcome:
         self._attempt(record, exc.call or "call", exc.http_status, exc.kind)
         if isinstance(exc, RateLimitedError):
+            self.budget.pause(record.brand, exc.retry_after)  # every process, not just this one
+            log.warning(kv("brand_paused", brand=record.brand, seconds=exc.retry_after))
             due = self.clock() + self.policy.rate_limit_wait(exc.retry_after)
             return self._park(record, due, str(exc), exc.http_status, counted=False)
         if isinstance(exc, PermanentError):
@@ -173,6 +281,22 @@ class Fiscaliser:
         if retry.due is None:
             return self._dead_letter(record, "retries_exhausted", str(exc), exc.http_status)
         return self._park(record, retry.due, str(exc), exc.http_status)
+
+    def _deferred(self, record: ResultRecord, deferred: Deferred) -> Outcome:
+        """No call was allowed: wait, uncounted. An open circuit is the brand's transient
+        failure, so the result's transient window runs on while it waits."""
+        now = self.clock()
+        if deferred.why.startswith("circuit open"):
+            record.transient_since = record.transient_since or now
+            if now >= record.transient_since + self.policy.transient_window:
+                error = f"{deferred.why}; last error: {record.last_error or '-'}"
+                return self._dead_letter(record, "retries_exhausted", error, record.last_status)
+            # Spread the brand's waiting results over the cool-down, not all at its end.
+            spread = max(1.0, deferred.until - now)
+            return self._park(
+                record, deferred.until + random.uniform(0, spread), deferred.why, counted=False
+            )
+        return self._park(record, max(deferred.until, now), deferred.why, counted=False)
 
     def _not_ready(self, record: ResultRecord, exc: NotReadyError) -> Outcome:
         now = self.clock()

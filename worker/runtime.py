@@ -13,10 +13,13 @@ from dataclasses import dataclass
 import redis
 
 from worker.audit import AuditTrail
+from worker.breaker import CircuitBreaker, FailedCallGuard
 from worker.clopos import CloposClient
 from worker.dlq import DeadLetterStore
+from worker.errors import RateLimitInfo
 from worker.idempotency import FiscalisedMarkers
 from worker.pipeline import Fiscaliser
+from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
 from worker.redis_conn import redis_client
 from worker.retry import RetryPolicy
 from worker.settings import Settings, get_settings
@@ -50,11 +53,32 @@ def build_runtime(settings: Settings) -> Runtime:
         timeout=settings.http_timeout_seconds,
         connect_timeout=settings.http_connect_timeout_seconds,
     )
-    tokens = TokenProvider(r, client.authenticate)
+    rate = rate_policy(settings)
+    budget = BrandBudget(r, rate)
+    guard = FailedCallGuard(r, settings.failed_calls_per_minute)
+    breaker = CircuitBreaker(
+        r,
+        threshold=settings.breaker_failure_threshold,
+        cooldown=settings.breaker_cooldown_seconds,
+        max_cooldown=settings.breaker_max_cooldown_seconds,
+    )
+
+    def on_response(brand: str, method: str, status: int | None, info: RateLimitInfo) -> None:
+        if status is None:
+            return  # the request never reached Clopos
+        budget.observe(brand, info)
+        if status >= 400:
+            guard.record_failure()
+
+    client.on_response = on_response
+    tokens = TokenProvider(
+        r, client.authenticate, auth_budget=AuthBudget(r, settings.auth_calls_per_minute)
+    )
     client.tokens = tokens
     store = ResultStore(
         r,
         record_ttl=record_ttl(settings),
+        rate=rate,
         queue_lease=settings.queue_lease_seconds,
         run_lease=settings.run_lease_seconds,
     )
@@ -79,10 +103,21 @@ def build_runtime(settings: Settings) -> Runtime:
         audit=audit,
         markers=markers,
         policy=policy,
+        budget=budget,
+        breaker=breaker,
+        guard=guard,
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         lock_seconds=settings.receipt_lock_seconds,
     )
     return Runtime(settings, r, store, dlq, audit, markers, client, tokens, fiscaliser)
+
+
+def rate_policy(settings: Settings) -> RatePolicy:
+    return RatePolicy(
+        limit=settings.rate_limit_requests,
+        window=settings.rate_limit_window_seconds,
+        margin=settings.rate_limit_margin,
+    )
 
 
 def record_ttl(settings: Settings) -> int:

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     queue_lease_seconds: float = Field(120.0, gt=0)
     # Per-receipt lock (worker/idempotency.py): longer than a GET + auth + PATCH can take.
     receipt_lock_seconds: float = Field(120.0, gt=0)
+    # Rate budget and circuit breaker (worker/ratelimit.py, worker/breaker.py).
+    rate_limit_margin: float = Field(0.03, ge=0, lt=1)
+    breaker_failure_threshold: int = Field(5, ge=1)
+    breaker_cooldown_seconds: float = Field(5.0, gt=0)
+    breaker_max_cooldown_seconds: float = Field(300.0, gt=0)
+    auth_calls_per_minute: int = Field(30, ge=1, le=60)
+    failed_calls_per_minute: int = Field(300, ge=1)
     # A stream entry read by a consumer that died is claimed by another after this idle time.
     claim_idle_seconds: float = Field(30.0, gt=0)
     log_level: str = "INFO"

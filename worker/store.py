@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from worker import keys
+from worker.ratelimit import CALLS_PER_RESULT, RESERVE_LUA, RatePolicy
 
 QUEUE_LEASE_SECONDS = 120.0  # published, not started yet: longer than a short queue takes
 RUN_LEASE_SECONDS = 60.0  # started: longer than one API call with its timeouts (~25 s)
@@ -43,26 +44,57 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: schedule. ARGV: now, limit, lease-until, result-key prefix.
-# Takes up to `limit` due results, leases them, bumps their dispatch number.
-# Returns a flat list rid, dispatch, brand, receipt_id, ...; drops orphans.
-_CLAIM_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for _, rid in ipairs(due) do
-  local key = ARGV[4] .. rid
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('ZADD', KEYS[1], ARGV[3], rid)
-    local d = redis.call('HINCRBY', key, 'dispatch', 1)
-    local meta = redis.call('HMGET', key, 'brand', 'receipt_id')
-    table.insert(out, rid); table.insert(out, d)
-    table.insert(out, meta[1] or ''); table.insert(out, meta[2] or '')
-  else
+# Admission: which results go to the Celery queue now. KEYS: schedule.
+# ARGV: mode ('due' | 'ids'), now, limit, lease-until, result prefix, rate prefix base,
+#       budget limit, window, margin, lead, calls per result, marker prefix, [ids...]
+# A result without a reservation reserves its calls' slots in its brand's budget
+# (RESERVE_LUA); one whose first slot is more than `lead` away is parked until then, its
+# reservation kept; the others are leased as queued and returned to be published. A result
+# whose receipt is already marked fiscalised needs no call, so no slot: it goes at once.
+# Returns {parked, rid, dispatch, brand, receipt_id, ...}; drops orphans.
+_ADMIT = (
+    RESERVE_LUA
+    + """
+local now, lead = tonumber(ARGV[2]), tonumber(ARGV[10])
+local rids
+if ARGV[1] == 'due' then
+  rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+else
+  rids = {}
+  for i = 13, #ARGV do table.insert(rids, ARGV[i]) end
+end
+local out = {0}
+for _, rid in ipairs(rids) do
+  local key = ARGV[5] .. rid
+  local meta = redis.call('HMGET', key, 'brand', 'receipt_id', 'slot')
+  if not meta[1] then
     redis.call('ZREM', KEYS[1], rid)
+  else
+    local slot = tonumber(meta[3])
+    if not slot then
+      if redis.call('EXISTS', ARGV[12] .. meta[1] .. ':' .. meta[2]) == 1 then
+        slot = now
+      else
+        local _, start, step = reserve(ARGV[6] .. meta[1] .. ':', tonumber(ARGV[11]), now,
+          tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), 1e18)
+        redis.call('HSET', key, 'slot', fmt(start), 'step', fmt(step))
+        slot = start
+      end
+    end
+    if slot - now > lead then
+      redis.call('ZADD', KEYS[1], fmt(slot - lead), rid)
+      out[1] = out[1] + 1
+    else
+      redis.call('ZADD', KEYS[1], ARGV[4], rid)
+      local d = redis.call('HINCRBY', key, 'dispatch', 1)
+      table.insert(out, rid); table.insert(out, d)
+      table.insert(out, meta[1]); table.insert(out, meta[2] or '')
+    end
   end
 end
 return out
 """
+)
 
 # KEYS: result hash, schedule. ARGV: rid, dispatch, lease-until.
 # A task starts: only the current dispatch may run; it leases the result for RUN_LEASE.
@@ -96,6 +128,8 @@ class ResultRecord:
     auth_failures: int = 0
     last_error: str | None = None
     last_status: int | None = None
+    slot: float | None = None  # first reserved call slot (unix s), from admission
+    step: float = 0.0  # seconds between its reserved slots
 
     @property
     def brand(self) -> str:
@@ -134,6 +168,8 @@ class ResultRecord:
             auth_failures=int(raw.get("auth_failures", 0)),
             last_error=raw.get("last_error") or None,
             last_status=int(status) if status not in (None, "") else None,
+            slot=opt_float("slot"),
+            step=float(raw.get("step") or 0.0),
         )
 
 
@@ -143,6 +179,18 @@ class Claimed:
     dispatch: int
     brand: str
     receipt_id: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What one admission pass did: results to publish now, and how many it parked."""
+
+    publish: list[Claimed]
+    parked: int
+
+    @property
+    def handled(self) -> int:
+        return len(self.publish) + self.parked
 
 
 def _flatten(record_fields: Mapping[str, Any]) -> dict[str, str]:
@@ -155,15 +203,17 @@ class ResultStore:
         redis_client: redis.Redis,
         *,
         record_ttl: int,
+        rate: RatePolicy,
         queue_lease: float = QUEUE_LEASE_SECONDS,
         run_lease: float = RUN_LEASE_SECONDS,
     ) -> None:
         self.redis = redis_client
         self.record_ttl = record_ttl
+        self.rate = rate
         self.queue_lease = queue_lease
         self.run_lease = run_lease
         self._create = redis_client.register_script(_CREATE)
-        self._claim_due = redis_client.register_script(_CLAIM_DUE)
+        self._admit = redis_client.register_script(_ADMIT)
         self._begin = redis_client.register_script(_BEGIN)
         self._renew = redis_client.register_script(_RENEW)
 
@@ -175,19 +225,15 @@ class ResultStore:
         *,
         score: float,
         now: float,
-        dispatch: int = 0,
     ) -> bool:
-        """Record a new result scheduled at `score`; False if it already exists.
-
-        `dispatch=1` with a queue lease as score when the caller publishes it right away;
-        `dispatch=0` with score `now` leaves it due for the dispatcher."""
+        """Record a new result scheduled at `score`; False if it already exists."""
         fields = {
             "result": json.dumps(dict(result), separators=(",", ":")),
             "payload": payload,
             "brand": result["brand"],
             "receipt_id": result["receipt_id"],
             "first_seen": repr(now),
-            "dispatch": dispatch,
+            "dispatch": 0,
         }
         created = self._create(
             keys=[keys.result(rid), keys.SCHEDULE],
@@ -195,15 +241,36 @@ class ResultStore:
         )
         return bool(created)
 
-    def claim_due(self, now: float, limit: int) -> list[Claimed]:
-        flat = self._claim_due(
+    def admit_due(self, now: float, limit: int) -> Admission:
+        """Admit up to `limit` due results (the dispatcher's pass)."""
+        return self._run_admit("due", now, limit, [])
+
+    def admit(self, rids: list[str], now: float) -> Admission:
+        """Admit these just-created results (the ingest consumer's fast path)."""
+        return self._run_admit("ids", now, len(rids), rids) if rids else Admission([], 0)
+
+    def _run_admit(self, mode: str, now: float, limit: int, rids: list[str]) -> Admission:
+        flat = self._admit(
             keys=[keys.SCHEDULE],
-            args=[repr(now), limit, repr(now + self.queue_lease), keys.result("")],
+            args=[
+                mode,
+                repr(now),
+                limit,
+                repr(now + self.queue_lease),
+                keys.result(""),
+                keys.RATE_PREFIX,
+                *self.rate.lua_args(),
+                repr(self.rate.lead),
+                CALLS_PER_RESULT,
+                keys.FISCALISED_PREFIX,
+                *rids,
+            ],
         )
-        return [
+        publish = [
             Claimed(str(flat[i]), int(flat[i + 1]), str(flat[i + 2]), str(flat[i + 3]))
-            for i in range(0, len(flat), 4)
+            for i in range(1, len(flat), 4)
         ]
+        return Admission(publish, int(flat[0]))
 
     def begin(self, rid: str, dispatch: int, now: float) -> ResultRecord | str:
         """The record if this dispatch may run, else 'gone' (finished) or 'stale'."""
@@ -241,6 +308,7 @@ class ResultStore:
                 }
             ),
         )
+        pipe.hdel(keys.result(record.rid), "slot", "step")  # its reservation is spent
         pipe.zadd(keys.SCHEDULE, {record.rid: due}, xx=True)
 
     def forget(self, rid: str, pipe: redis.client.Pipeline) -> None:

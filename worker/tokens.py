@@ -4,6 +4,8 @@
     refresh    one process at a time, under a Redis lock (LOCK_SECONDS); the others wait
                for the new token (polling every POLL_SECONDS, up to WAIT_SECONDS) instead
                of calling /v2/auth themselves: 20 processes starting at once make one call
+    budget     each /v2/auth call takes a slot of the deployment's auth budget
+               (worker/ratelimit.AuthBudget); a slot too far away defers the caller
     rejected   a rejected auth is remembered for FAILURE_MEMORY_SECONDS, so waiting
                processes fail fast instead of each spending the 60/min auth budget
     invalidate on a 401 the caller drops the token it used (only that one: a newer token
@@ -25,8 +27,9 @@ import redis
 
 from worker import keys
 from worker.clopos import Token
-from worker.errors import AuthError, TransientError
+from worker.errors import AuthError, Deferred, TransientError
 from worker.logs import kv, register_secret
+from worker.ratelimit import AuthBudget
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,12 @@ class TokenProvider:
         redis_client: redis.Redis,
         authenticate: Callable[[str], Token],
         *,
+        auth_budget: AuthBudget | None = None,
         clock: Callable[[], float] = time.time,
         wait_seconds: float = WAIT_SECONDS,
     ) -> None:
         self.redis = redis_client
+        self.auth_budget = auth_budget
         self.authenticate = authenticate
         self.clock = clock
         self.wait_seconds = wait_seconds
@@ -116,6 +121,7 @@ class TokenProvider:
         cached = self._cached(brand)  # someone may have refreshed while we took the lock
         if cached is not None:
             return cached.value
+        self._await_auth_slot(brand)
         try:
             token = self.authenticate(brand)
         except AuthError as exc:
@@ -132,6 +138,17 @@ class TokenProvider:
             self.redis.delete(keys.token_auth_failure(brand))
         log.info(kv("token_refreshed", brand=brand, lifetime=int(token.lifetime)))
         return token.value
+
+    def _await_auth_slot(self, brand: str) -> None:
+        """Spread /v2/auth calls of all brands over the deployment's auth budget."""
+        if self.auth_budget is None:
+            return
+        slot = self.auth_budget.reserve()
+        if not slot.ok:
+            raise Deferred(slot.start, f"auth budget: next /v2/auth slot for {brand} is later")
+        wait = slot.start - self.clock()
+        if wait > 0:
+            time.sleep(wait)
 
     def _raise_remembered_failure(self, brand: str) -> None:
         remembered = self.redis.get(keys.token_auth_failure(brand))

@@ -1,0 +1,191 @@
+"""A circuit breaker per brand, and a guard on failed calls across brands; both shared by
+every worker process through Redis.
+
+    CircuitBreaker(threshold=5, cooldown=5.0, max_cooldown=300.0, probe_timeout=30.0)
+
+    closed     calls go; consecutive failures of the brand (5xx, timeouts, network errors,
+               rejected auth) are counted, any success resets the count
+    open       after `threshold` of them: no call of the brand for `cooldown` seconds; its
+               results wait, parked in the schedule, instead of calling
+    half-open  then one process (a Redis lock, `probe_timeout`) makes a single probe call;
+               success closes the circuit, failure opens it again with the cool-down
+               doubled, up to `max_cooldown`
+
+    FailedCallGuard(per_minute=300)
+
+    Clopos blocks an IP for every brand after 600 failed (>= 400) requests a minute. Failed
+    calls of all brands are counted per minute; while the last minute's count is at
+    `per_minute`, calls of results that failed before (the likely failures: 404s of
+    receipts not synced yet, 5xx) wait for the next minute.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from worker import keys
+
+THRESHOLD = 5
+COOLDOWN_SECONDS = 5.0
+MAX_COOLDOWN_SECONDS = 300.0
+PROBE_TIMEOUT_SECONDS = 30.0  # longer than one call with its timeouts
+FAILED_CALLS_PER_MINUTE = 300  # half of the flood guard's 600
+
+# KEYS: breaker hash, probe lock. ARGV: now, probe timeout ms, owner.
+_ALLOW = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'open' then return {'closed'} end
+local now = tonumber(ARGV[1])
+local until_ = tonumber(redis.call('HGET', KEYS[1], 'until'))
+if now < until_ then return {'open', tostring(until_)} end
+if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return {'probe'} end
+return {'open', tostring(now + 1)}
+"""
+
+# KEYS: breaker hash, probe lock. ARGV: ok (1/0), now, threshold, base, max, probe (1/0).
+# Returns the transition: '' (none), 'opened', 'reopened' or 'closed', and the cool-down.
+_RECORD = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if ARGV[1] == '1' then
+  if state then redis.call('DEL', KEYS[1], KEYS[2]) end
+  if state == 'open' then return {'closed', '0'} end
+  return {'', '0'}
+end
+local now = tonumber(ARGV[2])
+if state == 'open' then
+  if ARGV[6] ~= '1' then return {'', '0'} end  -- a call that was in flight when it opened
+  local previous = tonumber(redis.call('HGET', KEYS[1], 'cooldown'))
+  local cooldown = math.min(tonumber(ARGV[5]), previous * 2)
+  redis.call('HSET', KEYS[1], 'cooldown', cooldown, 'until', string.format('%.6f', now + cooldown))
+  redis.call('HINCRBY', KEYS[1], 'failures', 1)
+  redis.call('DEL', KEYS[2])
+  return {'reopened', tostring(cooldown)}
+end
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+if failures >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'cooldown', ARGV[4],
+    'until', string.format('%.6f', now + tonumber(ARGV[4])),
+    'opened_at', string.format('%.6f', now))
+  return {'opened', ARGV[4]}
+end
+redis.call('HSET', KEYS[1], 'state', 'closed')
+return {'', '0'}
+"""
+
+
+@dataclass(frozen=True)
+class Permit:
+    """May a call of the brand go now? `probe`: it is the single half-open probe."""
+
+    allowed: bool
+    probe: bool = False
+    wait_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    change: str  # '', 'opened', 'reopened', 'closed'
+    cooldown: float
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        *,
+        threshold: int = THRESHOLD,
+        cooldown: float = COOLDOWN_SECONDS,
+        max_cooldown: float = MAX_COOLDOWN_SECONDS,
+        probe_timeout: float = PROBE_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis_client
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.probe_timeout = probe_timeout
+        self.clock = clock
+        self._allow = redis_client.register_script(_ALLOW)
+        self._record = redis_client.register_script(_RECORD)
+
+    def allow(self, brand: str) -> Permit:
+        reply = self._allow(
+            keys=[keys.breaker(brand), keys.breaker_probe(brand)],
+            args=[repr(self.clock()), int(self.probe_timeout * 1000), secrets.token_hex(6)],
+        )
+        if reply[0] == "closed":
+            return Permit(True)
+        if reply[0] == "probe":
+            return Permit(True, probe=True)
+        return Permit(False, wait_until=float(reply[1]))
+
+    def record(self, brand: str, ok: bool, probe: bool = False) -> Transition:
+        change, cooldown = self._record(
+            keys=[keys.breaker(brand), keys.breaker_probe(brand)],
+            args=[
+                "1" if ok else "0",
+                repr(self.clock()),
+                self.threshold,
+                repr(self.cooldown),
+                repr(self.max_cooldown),
+                "1" if probe else "0",
+            ],
+        )
+        return Transition(str(change), float(cooldown))
+
+    def release_probe(self, brand: str) -> None:
+        """The probe did not call after all (its slot was later): let another probe."""
+        self.redis.delete(keys.breaker_probe(brand))
+
+    def state(self, brand: str) -> dict[str, object]:
+        raw = self.redis.hgetall(keys.breaker(brand))
+        if not raw or raw.get("state") != "open":
+            return {"state": "closed", "failures": int(raw.get("failures", 0)) if raw else 0}
+        until = float(raw["until"])
+        return {
+            "state": "open" if until > self.clock() else "half_open",
+            "failures": int(raw.get("failures", 0)),
+            "cooldown_seconds": float(raw.get("cooldown", 0)),
+            "opens_again_in_seconds": round(max(0.0, until - self.clock()), 3),
+        }
+
+
+class FailedCallGuard:
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        per_minute: int = FAILED_CALLS_PER_MINUTE,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis_client
+        self.per_minute = per_minute
+        self.clock = clock
+
+    def record_failure(self) -> None:
+        minute = int(self.clock() // 60)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(keys.failed_calls(minute))
+        pipe.expire(keys.failed_calls(minute), 180)
+        pipe.execute()
+
+    def recent(self) -> float:
+        """Failed calls in the last 60 s, the previous minute weighted by its overlap."""
+        now = self.clock()
+        minute = int(now // 60)
+        current, previous = self.redis.mget(
+            keys.failed_calls(minute), keys.failed_calls(minute - 1)
+        )
+        overlap = 1.0 - (now % 60) / 60.0
+        return int(current or 0) + int(previous or 0) * overlap
+
+    def blocked_until(self) -> float | None:
+        """When calls of failing results may go again, or None if they may go now."""
+        if self.recent() < self.per_minute:
+            return None
+        return (int(self.clock() // 60) + 1) * 60.0
