@@ -459,15 +459,35 @@ def fake_clopos(
 
 
 @cli.command("demo")
-def demo() -> None:
-    """Run the end-to-end demo against a fake Clopos API."""
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="After the summary, keep Redis, the fake API and the worker running until Enter.",
+)
+@click.option(
+    "--redis",
+    "redis_mode",
+    type=click.Choice(["auto", "redis-server", "fakeredis"]),
+    default="auto",
+    show_default=True,
+    help="Embedded Redis: a private redis-server if installed (auto), or fakeredis.",
+)
+@click.option(
+    "--results",
+    type=click.IntRange(min=50, max=1000),
+    default=200,
+    show_default=True,
+    help="How many stream entries the simulated adapter sends.",
+)
+def demo(keep: bool, redis_mode: str, results: int) -> None:
+    """Run the whole system on this machine against a fake Clopos API (< 60 s)."""
     try:
         from worker.demo import run_demo
     except ModuleNotFoundError as exc:
         if exc.name != "worker.demo":
             raise
         _fail("worker.demo is not installed in this build")
-    sys.exit(run_demo())
+    sys.exit(run_demo(keep=keep, redis=redis_mode, results=results))
 
 
 def main() -> None:

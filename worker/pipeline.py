@@ -33,6 +33,7 @@ from worker.errors import (
     NotReadyError,
     PermanentError,
     RateLimitedError,
+    RateLimitInfo,
     TransientError,
 )
 from worker.idempotency import FiscalisedMarkers, ReceiptLock
@@ -55,6 +56,7 @@ class _Run:
     record: ResultRecord
     calls: int = 0
     probe: bool = False
+    sent: float = 0.0  # when the last request was counted in the brand's window
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class Fiscaliser:
         except CloposError as exc:
             if run.calls == 0:
                 record.attempts += 1  # failed before its first request (auth): still a try
-            self._breaker_record(run, exc)
+            self._after_call(run, exc.rate, exc)
             return self._failed(record, exc)
         except redis.RedisError:
             raise  # infrastructure: the task shell leaves the result to its lease
@@ -151,7 +153,7 @@ class Fiscaliser:
         got = self.client.get_receipt(
             record.brand, record.receipt_id, record.venue_id, gate=lambda: self._gate(run)
         )
-        self._breaker_record(run, None)
+        self._after_call(run, got.rate, None)
         receipt = got.data.get("data")
         if not isinstance(receipt, dict):
             raise TransientError("GET answered without a receipt object", http_status=got.status)
@@ -173,7 +175,7 @@ class Fiscaliser:
             record.venue_id,
             gate=lambda: self._gate(run),
         )
-        self._breaker_record(run, None)
+        self._after_call(run, patched.rate, None)
         after = patched.data.get("data")
         self._attempt(record, "PATCH", patched.status, "ok")
         if isinstance(after, dict) and not confirms(after, record.fiscal_id):
@@ -226,12 +228,20 @@ class Fiscaliser:
         self.store.renew(record, self.clock())
         if wait > 0:
             time.sleep(wait)
+        while (free_at := self.budget.take(brand, now := self.clock())) is not None:
+            if free_at - now > rate.short_wait:
+                raise Deferred(free_at, f"window of {brand} is full (others use the budget too)")
+            time.sleep(max(0.0, free_at - now))
+        run.sent = now
 
-    def _breaker_record(self, run: _Run, exc: CloposError | None) -> None:
-        """A call's outcome for the brand's circuit: 5xx, timeouts and rejected auth fail it;
-        an answer about the receipt (even 404 or 400) shows the API works; a 429 is neither."""
+    def _after_call(self, run: _Run, rate: RateLimitInfo, exc: CloposError | None) -> None:
+        """What one call tells the brand's budget (the server's view of the window) and its
+        circuit: 5xx, timeouts and rejected auth fail it; an answer about the receipt (even
+        404 or 400) shows the API works; a 429 is neither."""
         if isinstance(exc, RateLimitedError):
-            return
+            return  # its Remaining (0) describes the pause, not others' use: see _failed
+        if run.calls:
+            self.budget.observe(run.record.brand, rate, run.sent)
         failed = isinstance(exc, TransientError | AuthError)
         change = self.breaker.record(run.record.brand, ok=not failed, probe=run.probe)
         run.probe = False

@@ -3,7 +3,7 @@
     RatePolicy(limit=300, window=60, margin=0.03, lead=1.0, short_wait=2.0)
 
     capacity    calls planned per window: floor((limit - others) * (1 - margin)), and at
-                least 2 below limit - others, so a late call never tips a window over
+                least 1 below limit - others
     interval    window / capacity. GCRA: the brand's next free slot (its "theoretical
                 arrival time", TAT) lives in Redis; a reservation takes the next n slots
                 and learns when they are, so no one polls for a free moment
@@ -11,6 +11,11 @@
                 RateLimit-Remaining (limit - remaining - our own calls in the window); it
                 lowers the capacity for one window after it was last seen
     pause       a 429 pauses the brand, every process, for RateLimit-Reset seconds
+    guard       right before each request, our calls of the last window (a log in Redis)
+                plus others' must stay within the limit, as Clopos counts them; else the
+                call waits. Slots keep the pace; this keeps the server's count, whatever
+                happened to the slots (late workers, a budget that shrank after they
+                were reserved)
     lead        a result is published this long before its first slot
     short_wait  a call whose slot is further away does not hold a worker: the result parks
 
@@ -49,7 +54,7 @@ local function reserve(prefix, n, now, limit, window, margin, max_wait)
   local pause = tonumber(redis.call('GET', prefix .. 'pause')) or 0
   local others = tonumber(redis.call('GET', prefix .. 'others')) or 0
   local room = limit - others
-  local cap = math.min(math.floor(room * (1 - margin)), room - 2)
+  local cap = math.min(math.floor(room * (1 - margin)), room - 1)
   if cap < 1 then cap = 1 end
   local step = window / cap
   local start = math.max(tat, now, pause)
@@ -86,16 +91,31 @@ end
 return 1
 """
 
-# ARGV: prefix, now, window, member, limit, remaining. Count our call; estimate others' use.
-_OBSERVE = """
+# ARGV: prefix, now, window, limit, member. The call about to go: counted in our log of
+# the window if ours + others + 1 stays within the limit; else {0, when one leaves}.
+_TAKE = """
 local calls = ARGV[1] .. 'calls'
 local now, window = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZADD', calls, now, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', calls, '-inf', now - window)
-redis.call('PEXPIRE', calls, math.ceil(window * 1000))
-if ARGV[6] == '' then return 0 end
 local ours = redis.call('ZCARD', calls)
-local others = tonumber(ARGV[5]) - tonumber(ARGV[6]) - ours
+local others = tonumber(redis.call('GET', ARGV[1] .. 'others')) or 0
+if ours + others + 1 > tonumber(ARGV[4]) then
+  local oldest = redis.call('ZRANGE', calls, 0, 0, 'WITHSCORES')
+  local free_at = now + 1
+  if oldest[2] then free_at = tonumber(oldest[2]) + window end
+  return {0, string.format('%.6f', free_at)}
+end
+redis.call('ZADD', calls, now, ARGV[5])
+redis.call('PEXPIRE', calls, math.ceil(window * 1000))
+return {1, ARGV[2]}
+"""
+
+# ARGV: prefix, sent, window, limit, remaining. Others' use = limit - remaining - ours, where
+# ours = our calls the server had counted when it answered: those sent up to this one.
+_OBSERVE = """
+local sent, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local ours = redis.call('ZCOUNT', ARGV[1] .. 'calls', sent - window, sent)
+local others = tonumber(ARGV[4]) - tonumber(ARGV[5]) - ours
 local current = tonumber(redis.call('GET', ARGV[1] .. 'others')) or 0
 if others > current or (others > 0 and redis.call('PTTL', ARGV[1] .. 'others') < 0) then
   redis.call('SET', ARGV[1] .. 'others', others, 'PX', math.ceil(window * 1000))
@@ -138,6 +158,7 @@ class BrandBudget:
         self._reserve = redis_client.register_script(_RESERVE)
         self._pause = redis_client.register_script(_PAUSE)
         self._observe = redis_client.register_script(_OBSERVE)
+        self._take = redis_client.register_script(_TAKE)
 
     def reserve(self, brand: str, n: int = 1, max_wait: float | None = None) -> Reservation:
         """Take the brand's next `n` slots if the first is within `max_wait` seconds."""
@@ -155,22 +176,27 @@ class BrandBudget:
         value = self.redis.get(keys.rate_prefix(brand) + "pause")
         return float(value) if value is not None and float(value) > self.clock() else None
 
-    def observe(self, brand: str, rate: RateLimitInfo) -> None:
-        """After every response: count our call; learn others' use from the headers."""
-        limit = min(self.policy.limit, rate.limit) if rate.limit else self.policy.limit
-        remaining = "" if rate.remaining is None else str(rate.remaining)
-        now = self.clock()
-        member = f"{now:.6f}:{secrets.token_hex(4)}"
-        self._observe(
+    def take(self, brand: str, now: float) -> float | None:
+        """Count the call about to go at `now`; None if it may go, else when a call leaves
+        the window."""
+        ok, when = self._take(
             args=[
                 keys.rate_prefix(brand),
                 repr(now),
                 repr(self.policy.window),
-                member,
-                limit,
-                remaining,
+                self.policy.limit,
+                f"{now:.6f}:{secrets.token_hex(4)}",
             ]
         )
+        return None if int(ok) else float(when)
+
+    def observe(self, brand: str, rate: RateLimitInfo, sent: float) -> None:
+        """After a response to the call taken at `sent`: learn others' use of the budget."""
+        if rate.remaining is None:
+            return
+        limit = min(self.policy.limit, rate.limit) if rate.limit else self.policy.limit
+        args = [keys.rate_prefix(brand), repr(sent), repr(self.policy.window)]
+        self._observe(args=[*args, limit, rate.remaining])
 
     def snapshot(self, brand: str) -> dict[str, float | int | None]:
         """The brand's limiter state, for `fiscal-worker stats` and metrics."""

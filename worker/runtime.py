@@ -64,10 +64,7 @@ def build_runtime(settings: Settings) -> Runtime:
     )
 
     def on_response(brand: str, method: str, status: int | None, info: RateLimitInfo) -> None:
-        if status is None:
-            return  # the request never reached Clopos
-        budget.observe(brand, info)
-        if status >= 400:
+        if status is not None and status >= 400:  # what Clopos' flood guard counts
             guard.record_failure()
 
     client.on_response = on_response

@@ -450,7 +450,7 @@ def test_fake_clopos_passes_its_options(monkeypatch: pytest.MonkeyPatch, tmp_pat
 @pytest.mark.parametrize("code", [0, 3])
 def test_demo_exit_status_is_run_demos(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     module = types.ModuleType("worker.demo")
-    module.run_demo = lambda: code  # type: ignore[attr-defined]
+    module.run_demo = lambda **_: code  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "worker.demo", module)
     assert run("demo").exit_code == code
 

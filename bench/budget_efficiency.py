@@ -1,0 +1,111 @@
+"""Budget efficiency: achieved calls per window / configured budget, one brand, a backlog.
+
+    python bench/budget_efficiency.py [--limit 60] [--window 5] [--results 200] [--workers 4]
+
+Starts a private redis-server, the fake Clopos API (enforcing the same budget) and N real
+`celery worker` processes, queues a backlog of closed receipts for one brand, and reads the
+fake's request log: calls per full window while the backlog drains (the first and the last,
+partial, windows left out), 429s, and the drain time against the ideal (calls / budget).
+Target: efficiency >= 0.95 with zero 429s. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support import RedisServer, WorkerProcess, wait_for, write_credentials  # noqa: E402
+
+from worker.fake_clopos import FakeClopos  # noqa: E402
+
+BRAND = "openapitest"
+CREDS = {BRAND: ("client-openapitest", "secret-openapitest-0001")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--window", type=float, default=5.0)
+    parser.add_argument("--results", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
+        directory = Path(tmp)
+        server = RedisServer(directory)
+        server.start()
+        fake = FakeClopos(
+            integrator_id="fake-integrator",
+            brands={BRAND: {"client_id": CREDS[BRAND][0], "client_secret": CREDS[BRAND][1]}},
+            rate_limit=args.limit,
+            rate_window=args.window,
+        )
+        fake.start()
+        workers: list[WorkerProcess] = []
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FISCAL_")}
+            env.update(
+                FISCAL_REDIS_URL=server.url,
+                FISCAL_CLOPOS_BASE_URL=str(fake.base_url),
+                FISCAL_CLOPOS_INTEGRATOR_ID="fake-integrator",
+                FISCAL_CLOPOS_CREDENTIALS_FILE=str(write_credentials(directory / "c.json", CREDS)),
+                FISCAL_RATE_LIMIT_REQUESTS=str(args.limit),
+                FISCAL_RATE_LIMIT_WINDOW_SECONDS=str(args.window),
+                FISCAL_LOG_LEVEL="WARNING",
+            )
+            for i in range(args.workers):
+                log = directory / f"w{i}.log"
+                workers.append(
+                    WorkerProcess(env, log, name=f"w{i}", concurrency=args.concurrency).start()
+                )
+            for rid in range(1, args.results + 1):
+                fake.add_receipt(BRAND, {"id": rid, "status": 2, "closed_at": "2026-11-27 12:00:00"})
+            r = server.client()
+            started = time.time()
+            for rid in range(1, args.results + 1):
+                payload = {"receipt_id": rid, "brand": BRAND, "fiscal_id": f"F-{rid}"}
+                r.xadd("fiscal:results", {"data": json.dumps(payload)})
+            ideal = 2 * args.results / (args.limit / args.window)
+            wait_for(
+                lambda: sum(1 for i in range(1, args.results + 1) if fake.receipt(BRAND, i)["lock"])
+                == args.results,
+                timeout=ideal * 3 + 60,
+                interval=0.2,
+                what="backlog drained",
+            )
+            drain = time.time() - started
+            report(fake.stats(), args, drain, ideal)
+        finally:
+            for worker in workers:
+                worker.stop()
+            fake.stop()
+            server.stop()
+    return 0
+
+
+def report(stats: dict, args: argparse.Namespace, drain: float, ideal: float) -> None:
+    calls = sorted(t for t, _m, brand, _r, status in stats["request_log"] if brand == BRAND and status != 429)
+    first = calls[0]
+    windows: dict[int, int] = {}
+    for t in calls:
+        windows[int((t - first) // args.window)] = windows.get(int((t - first) // args.window), 0) + 1
+    full = [windows.get(i, 0) for i in range(1, max(windows))]  # drop the first and last
+    efficiency = sum(full) / (len(full) * args.limit) if full else float("nan")
+    print(f"budget            {args.limit} calls / {args.window:g} s, one brand, {args.results} results")
+    print(f"fleet             {args.workers} worker processes x concurrency {args.concurrency}")
+    print(f"calls             {len(calls)} (GET + PATCH per result), 429s: {stats['rate_limited'].get(BRAND, 0)}")
+    print(f"calls per window  {full}  (full windows only)")
+    print(f"efficiency        {efficiency:.3f}  (achieved calls per window / budget; target >= 0.95)")
+    print(f"drain             {drain:.1f} s, ideal {ideal:.1f} s, ratio {drain / ideal:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

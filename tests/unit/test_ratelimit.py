@@ -1,0 +1,100 @@
+"""The scheduling limiter (GCRA), the 429 pause, the window guard and the pressure estimate,
+on fakeredis with a controlled clock."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from worker import keys
+from worker.errors import RateLimitInfo
+from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def r():
+    return fakeredis.FakeRedis(decode_responses=True)
+
+
+def test_reservations_are_spaced_by_the_interval(r):
+    clock = Clock()
+    budget = BrandBudget(r, RatePolicy(limit=300, window=60, margin=0.03), clock=clock)
+    starts = [budget.reserve("b", n=2, max_wait=1e9) for _ in range(5)]
+    step = 60 / 291  # floor(300 * 0.97)
+    assert starts[0].start == pytest.approx(clock.now)
+    assert starts[0].step == pytest.approx(step, abs=1e-6)
+    for i, res in enumerate(starts):
+        assert res.ok and res.start == pytest.approx(clock.now + i * 2 * step, abs=1e-4)
+
+
+def test_small_budgets_keep_one_call_spare(r):
+    budget = BrandBudget(r, RatePolicy(limit=20, window=5, margin=0.03), clock=Clock())
+    assert budget.reserve("b").step == pytest.approx(5 / 19, abs=1e-6)
+
+
+def test_a_reservation_too_far_away_takes_nothing(r):
+    clock = Clock()
+    budget = BrandBudget(r, RatePolicy(limit=10, window=10, margin=0), clock=clock)
+    for _ in range(10):
+        budget.reserve("b", max_wait=1e9)
+    far = budget.reserve("b", max_wait=2.0)
+    assert not far.ok and far.start > clock.now + 2
+    again = budget.reserve("b", max_wait=1e9)
+    assert again.start == pytest.approx(far.start)  # the refused one did not move the TAT
+
+
+def test_brands_have_separate_budgets(r):
+    clock = Clock()
+    budget = BrandBudget(r, RatePolicy(limit=10, window=10), clock=clock)
+    for _ in range(50):
+        budget.reserve("a", max_wait=1e9)
+    assert budget.reserve("b").start == pytest.approx(clock.now)
+
+
+def test_pause_moves_every_next_slot_after_it(r):
+    clock = Clock()
+    budget = BrandBudget(r, RatePolicy(limit=300, window=60), clock=clock)
+    budget.pause("b", 7)
+    assert budget.paused_until("b") == pytest.approx(clock.now + 7)
+    assert budget.reserve("b", max_wait=1e9).start == pytest.approx(clock.now + 7)
+    clock.now += 8
+    assert budget.paused_until("b") is None
+
+
+def test_take_keeps_the_window_within_the_limit(r):
+    clock = Clock()
+    budget = BrandBudget(r, RatePolicy(limit=5, window=10), clock=clock)
+    assert [budget.take("b", clock.now) for _ in range(5)] == [None] * 5
+    blocked = budget.take("b", clock.now)
+    assert blocked == pytest.approx(clock.now + 10)
+    clock.now += 10.001
+    assert budget.take("b", clock.now) is None
+
+
+def test_others_use_lowers_capacity_and_the_window_guard(r):
+    clock = Clock()
+    budget = BrandBudget(r, RatePolicy(limit=20, window=5, margin=0), clock=clock)
+    budget.take("b", clock.now)
+    # The server says 9 left: 20 - 9 - 1 (ours) = 10 used by another client.
+    budget.observe("b", RateLimitInfo(limit=20, remaining=9, reset_seconds=3), clock.now)
+    assert r.get(keys.rate_prefix("b") + "others") == "10"
+    assert budget.reserve("b").step == pytest.approx(5 / 9, abs=1e-6)
+    taken = [budget.take("b", clock.now) for _ in range(10)]
+    assert taken[:9] == [None] * 9 and taken[9] is not None  # 1 + 9 + 10 others = 20
+
+
+def test_auth_budget_allows_a_burst_then_paces(r):
+    clock = Clock()
+    auth = AuthBudget(r, per_minute=30, burst=3, clock=clock)
+    goes = [auth.reserve(max_wait=100) for _ in range(5)]
+    assert all(g.ok for g in goes)
+    assert [round(g.start - clock.now, 3) for g in goes] == [0, 0, 0, 2.0, 4.0]
+    assert not auth.reserve(max_wait=1).ok

@@ -1,0 +1,65 @@
+"""What the deployment is doing, read from Redis: for `fiscal-worker stats` and the metrics.
+
+Everything here is read-only and cheap (a handful of commands per brand), so it can run on
+every Prometheus scrape. No secret is read: the token cache is not touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import redis
+
+from worker import keys
+from worker.breaker import CircuitBreaker
+from worker.dlq import DeadLetterStore
+from worker.ratelimit import BrandBudget, RatePolicy
+from worker.settings import Settings, SettingsError
+
+CELERY_QUEUE = "fiscal"  # worker/app.py QUEUE; not imported, so no Celery app is built here
+
+
+def known_brands(r: redis.Redis, settings: Settings) -> list[str]:
+    """Brands with credentials, plus any brand with budget or breaker state in Redis."""
+    brands: set[str] = set()
+    with contextlib.suppress(SettingsError):  # stats work without credentials
+        brands.update(settings.clopos_credentials())
+    for key in r.scan_iter(match=keys.RATE_PREFIX + "*:tat", count=500):
+        brands.add(key[len(keys.RATE_PREFIX) : -len(":tat")])
+    for key in r.scan_iter(match=keys.breaker("*"), count=500):
+        if not key.endswith(":probe"):
+            brands.add(key[len(keys.breaker("")) :])
+    return sorted(brands)
+
+
+def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
+    now = time.time()
+    policy = RatePolicy(
+        limit=settings.rate_limit_requests,
+        window=settings.rate_limit_window_seconds,
+        margin=settings.rate_limit_margin,
+    )
+    budget = BrandBudget(r, policy)
+    breaker = CircuitBreaker(r)
+    try:
+        pending_entries = int(r.xpending(settings.ingest_stream, keys.INGEST_GROUP)["pending"])
+    except redis.ResponseError:
+        pending_entries = 0  # no group yet: no worker has run
+    counters = {k: int(v) for k, v in r.hgetall(keys.COUNTERS).items()}
+    return {
+        "results": {
+            "unfinished": int(r.zcard(keys.SCHEDULE)),
+            "due": int(r.zcount(keys.SCHEDULE, "-inf", now)),
+            "celery_queue": int(r.llen(CELERY_QUEUE)),
+            "stream_length": int(r.xlen(settings.ingest_stream)),
+            "stream_pending": pending_entries,
+        },
+        "counters": counters,
+        "dead_letters": DeadLetterStore(r).stats(),
+        "brands": {
+            brand: {"budget": budget.snapshot(brand), "breaker": breaker.state(brand)}
+            for brand in known_brands(r, settings)
+        },
+    }
