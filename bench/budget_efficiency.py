@@ -105,6 +105,12 @@ def report(stats: dict, args: argparse.Namespace, drain: float, ideal: float) ->
     print(f"calls per window  {full}  (full windows only)")
     print(f"efficiency        {efficiency:.3f}  (achieved calls per window / budget; target >= 0.95)")
     print(f"drain             {drain:.1f} s, ideal {ideal:.1f} s, ratio {drain / ideal:.3f}")
+    if os.environ.get("BENCH_DEBUG"):
+        log = [e for e in stats["request_log"] if e[2] == BRAND]
+        for i, e in enumerate(log):
+            if e[4] == 429:
+                for row in log[max(0, i - 62) : i + 3]:
+                    print(f"{row[0] - first:9.4f} {row[1]:5} {row[3]} {row[4]}")
 
 
 if __name__ == "__main__":

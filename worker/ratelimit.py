@@ -12,8 +12,9 @@
                 lowers the capacity for one window after it was last seen
     pause       a 429 pauses the brand, every process, for RateLimit-Reset seconds
     guard       right before each request, our calls of the last window (a log in Redis)
-                plus others' must stay within the limit, as Clopos counts them; else the
-                call waits. Slots keep the pace; this keeps the server's count, whatever
+                plus others' must leave one call spare, as Clopos counts them; else the
+                call waits (a short wait is slept: jitter costs a few ms, not a slot).
+                Slots keep the pace; this keeps the server's count, whatever
                 happened to the slots (late workers, a budget that shrank after they
                 were reserved)
     lead        a result is published this long before its first slot
@@ -92,14 +93,15 @@ return 1
 """
 
 # ARGV: prefix, now, window, limit, member. The call about to go: counted in our log of
-# the window if ours + others + 1 stays within the limit; else {0, when one leaves}.
+# the window if ours + others + 1 leaves one call spare (our clock and the server's see the
+# window's edges a few ms apart); else {0, when one leaves}.
 _TAKE = """
 local calls = ARGV[1] .. 'calls'
 local now, window = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', calls, '-inf', now - window)
 local ours = redis.call('ZCARD', calls)
 local others = tonumber(redis.call('GET', ARGV[1] .. 'others')) or 0
-if ours + others + 1 > tonumber(ARGV[4]) then
+if ours + others + 1 > tonumber(ARGV[4]) - 1 then
   local oldest = redis.call('ZRANGE', calls, 0, 0, 'WITHSCORES')
   local free_at = now + 1
   if oldest[2] then free_at = tonumber(oldest[2]) + window end

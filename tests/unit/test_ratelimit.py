@@ -69,10 +69,10 @@ def test_pause_moves_every_next_slot_after_it(r):
     assert budget.paused_until("b") is None
 
 
-def test_take_keeps_the_window_within_the_limit(r):
+def test_take_keeps_one_call_spare_in_the_window(r):
     clock = Clock()
     budget = BrandBudget(r, RatePolicy(limit=5, window=10), clock=clock)
-    assert [budget.take("b", clock.now) for _ in range(5)] == [None] * 5
+    assert [budget.take("b", clock.now) for _ in range(4)] == [None] * 4
     blocked = budget.take("b", clock.now)
     assert blocked == pytest.approx(clock.now + 10)
     clock.now += 10.001
@@ -87,8 +87,8 @@ def test_others_use_lowers_capacity_and_the_window_guard(r):
     budget.observe("b", RateLimitInfo(limit=20, remaining=9, reset_seconds=3), clock.now)
     assert r.get(keys.rate_prefix("b") + "others") == "10"
     assert budget.reserve("b").step == pytest.approx(5 / 9, abs=1e-6)
-    taken = [budget.take("b", clock.now) for _ in range(10)]
-    assert taken[:9] == [None] * 9 and taken[9] is not None  # 1 + 9 + 10 others = 20
+    taken = [budget.take("b", clock.now) for _ in range(9)]
+    assert taken[:8] == [None] * 8 and taken[8] is not None  # 1 + 8 + 10 others = 19
 
 
 def test_auth_budget_allows_a_burst_then_paces(r):
