@@ -377,6 +377,86 @@ def receipt(brand: str, receipt_id: int, as_json: bool) -> None:
 # --- submitting ------------------------------------------------------------------------
 
 
+@cli.command("stats")
+@json_option
+def stats(as_json: bool) -> None:
+    """The deployment now: results in flight, counters, dead letters, and per brand the rate
+    budget and the circuit breaker."""
+    from worker.status import collect
+
+    state = collect(_redis(), _settings())
+    if as_json:
+        _print_json(state)
+        return
+    console = _console()
+    results = state["results"]
+    console.print(
+        f"results: {results['unfinished']} unfinished, {results['due']} due, "
+        f"{results['celery_queue']} in the Celery queue; stream: {results['stream_length']} "
+        f"entries, {results['stream_pending']} read and not settled"
+    )
+    counters = state["counters"]
+    if counters:
+        console.print(
+            "counters: " + ", ".join(f"{_clean(k)} {v}" for k, v in sorted(counters.items()))
+        )
+    console.print(f"dead letters: {state['dead_letters'].get('total', 0)}")
+    table = Table(box=None, pad_edge=False)
+    for column in (
+        "brand",
+        "circuit",
+        "failures",
+        "calls/window",
+        "others",
+        "backlog s",
+        "paused s",
+    ):
+        table.add_column(column)
+    for brand, info in state["brands"].items():
+        budget, breaker = info["budget"], info["breaker"]
+        circuit = str(breaker["state"])
+        if breaker.get("opens_again_in_seconds"):
+            circuit += f" ({breaker['opens_again_in_seconds']:.0f}s)"
+        table.add_row(
+            _cell(brand),
+            _cell(circuit),
+            _cell(breaker.get("failures", 0)),
+            _cell(f"{budget['calls_in_window']}/{budget['limit']}"),
+            _cell(budget["others_estimate"]),
+            _cell(budget["backlog_seconds"]),
+            _cell(budget["paused_for_seconds"] or "-"),
+        )
+    if state["brands"]:
+        console.print(table)
+
+
+@cli.command("metrics")
+@click.option(
+    "--serve",
+    "port",
+    type=click.IntRange(1, 65535),
+    help="Serve /metrics on this port until stopped, instead of printing once.",
+)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Interface for --serve.")  # noqa: S104
+def metrics(port: int | None, host: str) -> None:
+    """Prometheus metrics of the deployment (read from Redis; one exporter is enough)."""
+    from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+
+    from worker.metrics import RedisStateCollector
+
+    registry = CollectorRegistry()
+    registry.register(RedisStateCollector(_redis(), _settings()))
+    if port is None:
+        click.echo(generate_latest(registry).decode(), nl=False)
+        return
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    click.echo(f"serving metrics on http://{host}:{port}/metrics")
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 @cli.command("submit")
 @click.option("--brand", required=True, help="The Clopos brand (1-64 chars of A-Za-z0-9_.-).")
 @click.option("--receipt-id", type=int, required=True, help="The Clopos receipt id.")

@@ -3,9 +3,12 @@ the server, and a circuit breaker per brand: real workers, the fake API over HTT
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
-from support import closed, dlq_entries, wait_for, wait_finished, xadd
+from support import ROOT, closed, dlq_entries, wait_finished, wait_for, xadd
 
 from worker import keys
 
@@ -18,7 +21,9 @@ def fiscalised(fake, brand: str, receipt_ids) -> int:
 
 
 def max_calls_in_window(fake, brand: str, window: float) -> int:
-    times = sorted(t for t, _m, b, _r, status in fake.stats()["request_log"] if b == brand and status != 429)
+    times = sorted(
+        t for t, _m, b, _r, status in fake.stats()["request_log"] if b == brand and status != 429
+    )
     best, lo = 0, 0
     for hi, t in enumerate(times):
         while t - times[lo] >= window:
@@ -60,7 +65,9 @@ def test_server_pressure_slows_the_fleet_instead_of_collecting_429s(r, fake, sta
         xadd(r, {"receipt_id": rid, "brand": A, "fiscal_id": f"F-{rid}"})
     wait_for(lambda: fiscalised(fake, A, receipts) == 20, timeout=90, what="20 fiscalised")
     stats = fake.stats()
-    print(f"429s {stats['rate_limited'].get(A, 0)} others-estimate {r.get(keys.rate_prefix(A) + 'others')}")
+    print(
+        f"429s {stats['rate_limited'].get(A, 0)} others-estimate {r.get(keys.rate_prefix(A) + 'others')}"
+    )
     # Before the first answer the fleet cannot know; after it, it keeps to the other half.
     assert stats["rate_limited"].get(A, 0) <= 3
     assert max_calls_in_window(fake, A, 5.0) <= 11
@@ -89,7 +96,14 @@ def test_one_brands_backlog_does_not_delay_another_brand(r, fake, start_worker):
     assert a_done < 200  # A was still draining at its full budget
 
 
-def test_breaker_pauses_a_failing_brand_and_its_results_land_after(r, fake, start_worker):
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_breaker_pauses_a_failing_brand_and_its_results_land_after(r, fake, start_worker, env):
     receipts = range(1, 11)
     for rid in receipts:
         fake.add_receipt(C, closed(rid))
@@ -103,6 +117,11 @@ def test_breaker_pauses_a_failing_brand_and_its_results_land_after(r, fake, star
     for rid in receipts:
         xadd(r, {"receipt_id": rid, "brand": C, "fiscal_id": f"C-{rid}"})
     wait_for(lambda: r.hget(keys.breaker(C), "state") == "open", timeout=15, what="circuit open")
+    # Visible to operators: the stats command and the metrics.
+    stats = json.loads(cli(env, "stats", "--json").stdout)
+    assert stats["brands"][C]["breaker"]["state"] in ("open", "half_open")
+    assert stats["brands"][A]["breaker"]["state"] == "closed"
+    assert f'fiscal_brand_circuit_open{{brand="{C}"}} 1.0' in cli(env, "metrics").stdout
     wait_for(lambda: fiscalised(fake, C, receipts) == 10, timeout=90, what="C recovered")
     failed = fake.stats()["failed"].get(C, 0)
     print(f"failed calls to {C} during a 20 s outage: {failed}")
