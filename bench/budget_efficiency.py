@@ -17,13 +17,14 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from support import RedisServer, WorkerProcess, wait_for, write_credentials  # noqa: E402
+from support import RedisServer, WorkerProcess, wait_for, write_credentials
 
-from worker.fake_clopos import FakeClopos  # noqa: E402
+from worker.fake_clopos import FakeClopos
 
 BRAND = "openapitest"
 CREDS = {BRAND: ("client-openapitest", "secret-openapitest-0001")}
@@ -67,16 +68,18 @@ def main() -> int:
                     WorkerProcess(env, log, name=f"w{i}", concurrency=args.concurrency).start()
                 )
             for rid in range(1, args.results + 1):
-                fake.add_receipt(BRAND, {"id": rid, "status": 2, "closed_at": "2026-11-27 12:00:00"})
+                fake.add_receipt(
+                    BRAND, {"id": rid, "status": 2, "closed_at": "2026-11-27 12:00:00"}
+                )
             r = server.client()
             started = time.time()
             for rid in range(1, args.results + 1):
                 payload = {"receipt_id": rid, "brand": BRAND, "fiscal_id": f"F-{rid}"}
                 r.xadd("fiscal:results", {"data": json.dumps(payload)})
             ideal = 2 * args.results / (args.limit / args.window)
+            receipts = range(1, args.results + 1)
             wait_for(
-                lambda: sum(1 for i in range(1, args.results + 1) if fake.receipt(BRAND, i)["lock"])
-                == args.results,
+                lambda: all(fake.receipt(BRAND, i)["lock"] for i in receipts),
                 timeout=ideal * 3 + 60,
                 interval=0.2,
                 what="backlog drained",
@@ -92,25 +95,28 @@ def main() -> int:
 
 
 def report(stats: dict, args: argparse.Namespace, drain: float, ideal: float) -> None:
-    calls = sorted(t for t, _m, brand, _r, status in stats["request_log"] if brand == BRAND and status != 429)
+    log = [row for row in stats["request_log"] if row[2] == BRAND]
+    calls = sorted(t for t, _method, _brand, _receipt, status in log if status != 429)
     first = calls[0]
-    windows: dict[int, int] = {}
-    for t in calls:
-        windows[int((t - first) // args.window)] = windows.get(int((t - first) // args.window), 0) + 1
-    full = [windows.get(i, 0) for i in range(1, max(windows))]  # drop the first and last
+    per_window = Counter(int((t - first) // args.window) for t in calls)
+    full = [per_window[i] for i in range(1, max(per_window))]  # drop the first and the last
     efficiency = sum(full) / (len(full) * args.limit) if full else float("nan")
-    print(f"budget            {args.limit} calls / {args.window:g} s, one brand, {args.results} results")
-    print(f"fleet             {args.workers} worker processes x concurrency {args.concurrency}")
-    print(f"calls             {len(calls)} (GET + PATCH per result), 429s: {stats['rate_limited'].get(BRAND, 0)}")
-    print(f"calls per window  {full}  (full windows only)")
-    print(f"efficiency        {efficiency:.3f}  (achieved calls per window / budget; target >= 0.95)")
-    print(f"drain             {drain:.1f} s, ideal {ideal:.1f} s, ratio {drain / ideal:.3f}")
-    if os.environ.get("BENCH_DEBUG"):
-        log = [e for e in stats["request_log"] if e[2] == BRAND]
-        for i, e in enumerate(log):
-            if e[4] == 429:
-                for row in log[max(0, i - 62) : i + 3]:
-                    print(f"{row[0] - first:9.4f} {row[1]:5} {row[3]} {row[4]}")
+    rejected = stats["rate_limited"].get(BRAND, 0)
+    lines = [
+        ("budget", f"{args.limit} calls / {args.window:g} s, one brand, {args.results} results"),
+        ("fleet", f"{args.workers} worker processes x concurrency {args.concurrency}"),
+        ("calls", f"{len(calls)} (GET + PATCH per result), 429s: {rejected}"),
+        ("calls per window", f"{full}  (full windows only)"),
+        ("efficiency", f"{efficiency:.3f}  (calls per window / budget; target >= 0.95)"),
+        ("drain", f"{drain:.1f} s, ideal {ideal:.1f} s, ratio {drain / ideal:.3f}"),
+    ]
+    for name, value in lines:
+        print(f"{name:<18}{value}")
+    if os.environ.get("BENCH_DEBUG"):  # the calls around each 429
+        for i, row in enumerate(log):
+            if row[4] == 429:
+                for t, method, _brand, receipt, status in log[max(0, i - 62) : i + 3]:
+                    print(f"{t - first:9.4f} {method:5} {receipt} {status}")
 
 
 if __name__ == "__main__":

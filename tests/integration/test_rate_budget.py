@@ -65,9 +65,8 @@ def test_server_pressure_slows_the_fleet_instead_of_collecting_429s(r, fake, sta
         xadd(r, {"receipt_id": rid, "brand": A, "fiscal_id": f"F-{rid}"})
     wait_for(lambda: fiscalised(fake, A, receipts) == 20, timeout=90, what="20 fiscalised")
     stats = fake.stats()
-    print(
-        f"429s {stats['rate_limited'].get(A, 0)} others-estimate {r.get(keys.rate_prefix(A) + 'others')}"
-    )
+    others = r.get(keys.rate_prefix(A) + "others")
+    print(f"429s {stats['rate_limited'].get(A, 0)} others-estimate {others}")
     # Before the first answer the fleet cannot know; after it, it keeps to the other half.
     assert stats["rate_limited"].get(A, 0) <= 3
     assert max_calls_in_window(fake, A, 5.0) <= 11
