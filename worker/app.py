@@ -57,6 +57,9 @@ app.conf.update(
     task_send_sent_event=True,
     task_soft_time_limit=TASK_SOFT_TIME_LIMIT_SECONDS,
     task_time_limit=TASK_TIME_LIMIT_SECONDS,
+    # On a lost broker connection running tasks finish; their results are safe in Redis and
+    # a message that could not be acked comes back as a stale dispatch (a no-op).
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_hijack_root_logger=True,
 )
 

@@ -87,7 +87,6 @@ class Fiscaliser:
         budget: BrandBudget,
         breaker: CircuitBreaker,
         guard: FailedCallGuard,
-        worker_name: str,
         lock_seconds: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -103,7 +102,6 @@ class Fiscaliser:
         self.budget = budget
         self.breaker = breaker
         self.guard = guard
-        self.worker_name = worker_name
         self.clock = clock
 
     # --- the path of one result -------------------------------------------------------------

@@ -6,7 +6,6 @@ Prefork children build their own after the fork: sockets are never shared across
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from dataclasses import dataclass
 
@@ -103,7 +102,6 @@ def build_runtime(settings: Settings) -> Runtime:
         budget=budget,
         breaker=breaker,
         guard=guard,
-        worker_name=f"{socket.gethostname()}:{os.getpid()}",
         lock_seconds=settings.receipt_lock_seconds,
     )
     return Runtime(settings, r, store, dlq, audit, markers, client, tokens, fiscaliser)
