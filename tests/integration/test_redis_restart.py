@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from support import closed, dlq_entries, patches, wait_for, wait_finished, xadd
+from support import closed, dlq_entries, patches, wait_finished, wait_for, xadd
 
 B = "openapitest"
 
