@@ -10,6 +10,7 @@ Every setting below guards against one way Celery on Redis loses or doubles work
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 from typing import Any
 
@@ -34,10 +35,20 @@ except SettingsError as _exc:
     print(f"fiscal-worker: {_exc}", file=sys.stderr)
     raise SystemExit(1) from None
 
+
+def broker_ssl(url: str) -> dict[str, Any] | None:
+    """TLS for a rediss:// broker: verify the server's certificate unless the URL says
+    otherwise (?ssl_cert_reqs=...), as redis-py does for the worker's own state."""
+    if not url.startswith("rediss://") or "ssl_cert_reqs" in url:
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 app = Celery("fiscal-worker", include=["tasks.fiscalise"])
 app.conf.update(
     broker_url=_settings.redis_url.get_secret_value(),
     broker_connection_retry_on_startup=True,
+    broker_use_ssl=broker_ssl(_settings.redis_url.get_secret_value()),
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
     # JSON only, never pickle.
     task_serializer="json",

@@ -135,10 +135,9 @@ class IngestConsumer:
             for item in admission.publish:
                 self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
         # Anything not published now is due in the schedule: the dispatcher takes it from there.
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.store.redis.pipeline(transaction=True)
         for entry, _ in accepted:
-            pipe.xack(self.stream, self.group, entry.entry_id)
-            pipe.xdel(self.stream, entry.entry_id)
+            self._ack(entry.entry_id, pipe)
         pipe.execute()
         self.store.redis.hincrby(keys.COUNTERS, "received", len(accepted))
 
@@ -197,15 +196,13 @@ class IngestConsumer:
             pipeline=pipe,
         )
         pipe.hincrby(keys.COUNTERS, "dead_lettered:invalid_message", 1)
+        self._ack(entry.entry_id, pipe)  # dead-lettered and acknowledged together, or neither
         pipe.execute()
-        self._ack(entry.entry_id)
         log.warning(kv("result_invalid", rid=entry.entry_id, dlq_id=dlq_id, error=error[:200]))
 
-    def _ack(self, entry_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
+    def _ack(self, entry_id: str, pipe: redis.client.Pipeline) -> None:
         pipe.xack(self.stream, self.group, entry_id)
         pipe.xdel(self.stream, entry_id)
-        pipe.execute()
 
     def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
         rows = self.redis.xpending_range(

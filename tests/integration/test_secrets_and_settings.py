@@ -128,3 +128,23 @@ def test_dlq_commands_need_no_clopos_credentials(env):
     bare = {k: v for k, v in env.items() if not k.startswith("FISCAL_CLOPOS")}
     proc = cli(bare, "dlq", "stats", "--json")
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "variable,value",
+    [
+        ("FISCAL_REDIS_URL", "http://not-redis"),
+        ("FISCAL_RATE_LIMIT_REQUESTS", "abc"),
+        ("FISCAL_RATE_LIMIT_WINDOW_SECONDS", "0"),
+        ("FISCAL_NOT_READY_RETRY_WINDOW_SECONDS", "-5"),
+        ("FISCAL_TRANSIENT_RETRY_WINDOW_SECONDS", "x"),
+        ("FISCAL_INGEST_STREAM", ""),
+        ("FISCAL_DLQ_MAX_ENTRIES", "0"),
+    ],
+)
+def test_a_bad_setting_fails_the_cli_with_one_line(env, variable, value):
+    proc = cli({**env, variable: value}, "dlq", "stats")
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and variable in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
