@@ -44,6 +44,24 @@ def wait_for(
     )
 
 
+class Clock:
+    """A clock a test moves by hand: `clock.now += 5`."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`fiscal-worker ARGS` in a subprocess, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

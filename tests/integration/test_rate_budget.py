@@ -4,11 +4,9 @@ the server, and a circuit breaker per brand: real workers, the fake API over HTT
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
-from support import ROOT, closed, dlq_entries, wait_finished, wait_for, xadd
+from support import closed, dlq_entries, run_cli, wait_finished, wait_for, xadd
 
 from worker import keys
 
@@ -95,13 +93,6 @@ def test_one_brands_backlog_does_not_delay_another_brand(r, fake, start_worker):
     assert a_done < 200  # A was still draining at its full budget
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-
-
 def test_breaker_pauses_a_failing_brand_and_its_results_land_after(r, fake, start_worker, env):
     receipts = range(1, 11)
     for rid in receipts:
@@ -117,10 +108,10 @@ def test_breaker_pauses_a_failing_brand_and_its_results_land_after(r, fake, star
         xadd(r, {"receipt_id": rid, "brand": C, "fiscal_id": f"C-{rid}"})
     wait_for(lambda: r.hget(keys.breaker(C), "state") == "open", timeout=15, what="circuit open")
     # Visible to operators: the stats command and the metrics.
-    stats = json.loads(cli(env, "stats", "--json").stdout)
+    stats = json.loads(run_cli(env, "stats", "--json").stdout)
     assert stats["brands"][C]["breaker"]["state"] in ("open", "half_open")
     assert stats["brands"][A]["breaker"]["state"] == "closed"
-    assert f'fiscal_brand_circuit_open{{brand="{C}"}} 1.0' in cli(env, "metrics").stdout
+    assert f'fiscal_brand_circuit_open{{brand="{C}"}} 1.0' in run_cli(env, "metrics").stdout
     wait_for(lambda: fiscalised(fake, C, receipts) == 10, timeout=90, what="C recovered")
     failed = fake.stats()["failed"].get(C, 0)
     print(f"failed calls to {C} during a 20 s outage: {failed}")

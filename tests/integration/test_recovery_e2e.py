@@ -4,21 +4,12 @@ results whose task message is lost are re-driven from their record in Redis."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from support import ROOT, closed, dlq_entries, patches, wait_finished, wait_for, xadd
+from support import closed, dlq_entries, patches, run_cli, wait_finished, wait_for, xadd
 
 from worker import keys
 
 B = "openapitest"
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
 
 
 def test_dlq_replay_after_the_cause_is_fixed(r, fake, start_worker, env):
@@ -29,13 +20,13 @@ def test_dlq_replay_after_the_cause_is_fixed(r, fake, start_worker, env):
     assert entry["reason"] == "receipt_not_found"
 
     fake.add_receipt(B, closed(31))  # the receipt finally synced
-    replay = cli(env, "dlq", "replay", entry["id"])
+    replay = run_cli(env, "dlq", "replay", entry["id"])
     assert replay.returncode == 0, replay.stderr
     wait_for(lambda: fake.receipt(B, 31)["fiscal_id"] == "F-31", timeout=20)
     wait_finished(r)
     assert dlq_entries(r) == []
     assert patches(fake, B, 31) == [{"fiscal_id": "F-31", "lock": True}]
-    record = json.loads(cli(env, "receipt", B, "31", "--json").stdout)
+    record = json.loads(run_cli(env, "receipt", B, "31", "--json").stdout)
     assert record["state"] == "fiscalised" and record["fiscal_id"] == "F-31"
 
 
@@ -48,7 +39,7 @@ def test_replay_of_an_already_fiscalised_result_patches_nothing(r, fake, start_w
     wait_finished(r)
     [entry] = dlq_entries(r)
     assert entry["reason"] == "fiscal_id_conflict"
-    assert cli(env, "dlq", "replay", "--all").returncode == 0
+    assert run_cli(env, "dlq", "replay", "--all").returncode == 0
     wait_for(
         lambda: len(dlq_entries(r)) == 1 and dlq_entries(r)[0]["id"] != entry["id"], timeout=20
     )

@@ -7,18 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from support import ROOT, closed, wait_finished, xadd
+from support import ROOT, closed, run_cli, wait_finished, xadd
 
 from worker import keys
 
 SECRETS = ["secret-openapitest-0001", "secret-brand2-0002"]
-
-
-def cli(env, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
 
 
 def all_redis_values(r) -> str:
@@ -62,10 +55,10 @@ def test_secrets_and_tokens_never_leave_their_place(r, fake, start_worker, env):
     outputs = {
         "worker log": worker.log(),
         "redis (all but the token cache)": all_redis_values(r),
-        "dlq list": cli(env, "dlq", "list", "--json").stdout,
-        "dlq show": cli(env, "dlq", "show", "dl-1", "--json").stdout,
-        "dlq stats": cli(env, "dlq", "stats").stdout,
-        "receipt": cli(env, "receipt", "openapitest", "52", "--json").stdout,
+        "dlq list": run_cli(env, "dlq", "list", "--json").stdout,
+        "dlq show": run_cli(env, "dlq", "show", "dl-1", "--json").stdout,
+        "dlq stats": run_cli(env, "dlq", "stats").stdout,
+        "receipt": run_cli(env, "receipt", "openapitest", "52", "--json").stdout,
     }
     assert "auth_failed" in outputs["dlq list"]
     for where, text in outputs.items():
@@ -126,7 +119,7 @@ def test_a_bad_credentials_file_stops_the_worker_with_one_line(env, tmp_path, co
 
 def test_dlq_commands_need_no_clopos_credentials(env):
     bare = {k: v for k, v in env.items() if not k.startswith("FISCAL_CLOPOS")}
-    proc = cli(bare, "dlq", "stats", "--json")
+    proc = run_cli(bare, "dlq", "stats", "--json")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -143,7 +136,7 @@ def test_dlq_commands_need_no_clopos_credentials(env):
     ],
 )
 def test_a_bad_setting_fails_the_cli_with_one_line(env, variable, value):
-    proc = cli({**env, variable: value}, "dlq", "stats")
+    proc = run_cli({**env, variable: value}, "dlq", "stats")
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and variable in lines[0], proc.stderr

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+from support import Clock
 
 from worker.breaker import CircuitBreaker, FailedCallGuard
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+from support import Clock
 
 from worker import keys
 from worker.errors import RateLimitInfo
 from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -8,19 +8,12 @@ import threading
 
 import fakeredis
 import pytest
+from support import Clock
 
 from worker import keys
 from worker.clopos import Token
 from worker.errors import AuthError, TransientError
 from worker.tokens import TokenProvider, is_fresh, reuse_margin
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Auth:
