@@ -38,7 +38,7 @@ from worker.errors import (
 )
 from worker.idempotency import FiscalisedMarkers, ReceiptLock
 from worker.logs import kv
-from worker.ratelimit import CALLS_PER_RESULT, BrandBudget
+from worker.ratelimit import BrandBudget
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
 from worker.store import ResultRecord, ResultStore
@@ -213,7 +213,7 @@ class Fiscaliser:
         if paused is not None:
             raise Deferred(paused, f"brand {brand} paused after a 429")
         rate = self.budget.policy
-        if record.slot is not None and run.calls < CALLS_PER_RESULT:
+        if record.slot is not None and run.calls < record.slots:
             slot = record.slot + run.calls * record.step  # reserved at admission
         else:
             reservation = self.budget.reserve(brand)

@@ -46,27 +46,46 @@ return 1
 
 # Admission: which results go to the Celery queue now. KEYS: schedule.
 # ARGV: mode ('due' | 'ids'), now, limit, lease-until, result prefix, rate prefix base,
-#       budget limit, window, margin, lead, calls per result, marker prefix, [ids...]
-# A result without a reservation reserves its calls' slots in its brand's budget
-# (RESERVE_LUA); one whose first slot is more than `lead` away is parked until then, its
-# reservation kept; the others are leased as queued and returned to be published. A result
-# whose receipt is already marked fiscalised needs no call, so no slot: it goes at once.
+#       budget limit, window, margin, lead, calls per result, marker prefix,
+#       breaker prefix, [ids...]
+# A result whose receipt is already marked fiscalised needs no call: it goes at once. One
+# whose brand is paused (429) or has an open circuit waits, without reserving anything, until
+# that ends (spread over the cool-down). Any other reserves its calls' slots in its brand's
+# budget (RESERVE_LUA; a result retried for a missing or open receipt reserves only its GET)
+# and is parked until its first slot if that is more than `lead` away, its reservation kept;
+# the rest are leased as queued and returned, to be published.
 # Returns {parked, rid, dispatch, brand, receipt_id, ...}; drops orphans.
 _ADMIT = (
     RESERVE_LUA
     + """
 local now, lead = tonumber(ARGV[2]), tonumber(ARGV[10])
+local function spread(rid, width)
+  local h = math.floor(now * 1000)
+  for i = 1, #rid do h = (h * 31 + string.byte(rid, i)) % 1000003 end
+  return (h % 1000) / 1000 * math.max(1, width)
+end
+local function held_until(brand, rid)
+  local until_ = 0
+  local pause = tonumber(redis.call('GET', ARGV[6] .. brand .. ':pause'))
+  if pause and pause > now then until_ = pause + spread(rid, 1) end
+  local circuit = redis.call('HMGET', ARGV[13] .. brand, 'state', 'until')
+  local open_until = tonumber(circuit[2])
+  if circuit[1] == 'open' and open_until and open_until > now then
+    until_ = math.max(until_, open_until + spread(rid, open_until - now))
+  end
+  return until_
+end
 local rids
 if ARGV[1] == 'due' then
   rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 else
   rids = {}
-  for i = 13, #ARGV do table.insert(rids, ARGV[i]) end
+  for i = 14, #ARGV do table.insert(rids, ARGV[i]) end
 end
 local out = {0}
 for _, rid in ipairs(rids) do
   local key = ARGV[5] .. rid
-  local meta = redis.call('HMGET', key, 'brand', 'receipt_id', 'slot')
+  local meta = redis.call('HMGET', key, 'brand', 'receipt_id', 'slot', 'not_ready_since')
   if not meta[1] then
     redis.call('ZREM', KEYS[1], rid)
   else
@@ -75,10 +94,17 @@ for _, rid in ipairs(rids) do
       if redis.call('EXISTS', ARGV[12] .. meta[1] .. ':' .. meta[2]) == 1 then
         slot = now
       else
-        local _, start, step = reserve(ARGV[6] .. meta[1] .. ':', tonumber(ARGV[11]), now,
-          tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), 1e18)
-        redis.call('HSET', key, 'slot', fmt(start), 'step', fmt(step))
-        slot = start
+        local hold = held_until(meta[1], rid)
+        if hold > 0 then
+          slot = hold + lead  -- parked below, nothing reserved
+        else
+          local n = tonumber(ARGV[11])
+          if meta[4] and meta[4] ~= '' then n = 1 end
+          local _, start, step = reserve(ARGV[6] .. meta[1] .. ':', n, now,
+            tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), 1e18)
+          redis.call('HSET', key, 'slot', fmt(start), 'step', fmt(step), 'slots', n)
+          slot = start
+        end
       end
     end
     if slot - now > lead then
@@ -130,6 +156,7 @@ class ResultRecord:
     last_status: int | None = None
     slot: float | None = None  # first reserved call slot (unix s), from admission
     step: float = 0.0  # seconds between its reserved slots
+    slots: int = 0  # how many slots it reserved
 
     @property
     def brand(self) -> str:
@@ -170,6 +197,7 @@ class ResultRecord:
             last_status=int(status) if status not in (None, "") else None,
             slot=opt_float("slot"),
             step=float(raw.get("step") or 0.0),
+            slots=int(raw.get("slots") or 0),
         )
 
 
@@ -263,6 +291,7 @@ class ResultStore:
                 repr(self.rate.lead),
                 CALLS_PER_RESULT,
                 keys.FISCALISED_PREFIX,
+                keys.breaker(""),
                 *rids,
             ],
         )
@@ -308,7 +337,7 @@ class ResultStore:
                 }
             ),
         )
-        pipe.hdel(keys.result(record.rid), "slot", "step")  # its reservation is spent
+        pipe.hdel(keys.result(record.rid), "slot", "step", "slots")  # its reservation is spent
         pipe.zadd(keys.SCHEDULE, {record.rid: due}, xx=True)
 
     def forget(self, rid: str, pipe: redis.client.Pipeline) -> None:
