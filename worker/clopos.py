@@ -233,9 +233,9 @@ class CloposClient:
             raise RuntimeError("CloposClient.tokens is not set")
         path = f"/v2/receipts/{int(receipt_id)}"
         for attempt in (1, 2):
-            token = self.tokens.get(brand)
             if gate is not None:
-                gate()
+                gate()  # before the token: no auth call for a brand that may not call now
+            token = self.tokens.get(brand)
             headers = {"x-token": token}
             if venue_id is not None:
                 headers["x-venue"] = str(int(venue_id))
