@@ -5,8 +5,9 @@ Each accepted result is a hash (keys.result) plus one member of a sorted set
 
     queued    score = now + QUEUE_LEASE    published to Celery, waiting in the queue
     running   score = now + RUN_LEASE      a task has it; renewed before every API call
-    parked    score = retry due time       waiting out a backoff, a 429 or a busy receipt
-    due       score <= now                 the dispatcher publishes it (again)
+    parked    score = retry due time       waiting out a backoff, a 429 or a busy receipt,
+                                           or its brand's budget slot (minus the lead)
+    due       score <= now                 admission (`admit_due`) publishes it or parks it
 
 A result leaves both only when it is finished (fiscalised or dead-lettered), in the same
 transaction that records the outcome. So whatever Celery or the transport loses — a SIGKILL
@@ -344,10 +345,3 @@ class ResultStore:
         """Queue on `pipe`: the result is finished; drop its record and schedule entry."""
         pipe.delete(keys.result(rid))
         pipe.zrem(keys.SCHEDULE, rid)
-
-    # --- for the CLI, metrics and tests ---------------------------------------------------
-    def pending_count(self) -> int:
-        return int(self.redis.zcard(keys.SCHEDULE))
-
-    def due_count(self, now: float) -> int:
-        return int(self.redis.zcount(keys.SCHEDULE, "-inf", now))
