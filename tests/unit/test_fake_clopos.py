@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support import wait_for
 
 from worker.fake_clopos import FakeClopos, default_seed
 
@@ -108,10 +109,7 @@ def patch(client: httpx.Client, tok: str, rid: int, body: Any = None, **kw: Any)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+    wait_for(condition, timeout=timeout, interval=0.02)
 
 
 def error_of(response: httpx.Response) -> str | None:
