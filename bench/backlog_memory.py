@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support import RedisServer, WorkerProcess, wait_for, write_credentials
+from harness import BRAND, system
+from support import wait_for
 
 from worker import keys
-from worker.fake_clopos import FakeClopos
-
-BRAND = "openapitest"
-CREDS = {BRAND: ("client-openapitest", "secret-openapitest-0001")}
 
 
 def rss_mib(root_pid: int) -> tuple[float, float]:
@@ -49,67 +42,44 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--minutes", type=int, default=2, help="how long the outage is watched")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
-        directory = Path(tmp)
-        server = RedisServer(directory)
-        server.start()
-        fake = FakeClopos(
-            integrator_id="fake-integrator",
-            brands={BRAND: {"client_id": CREDS[BRAND][0], "client_secret": CREDS[BRAND][1]}},
+    with system() as running:
+        running.fake.fail_brand(BRAND, 503)  # an outage until the end of the run
+        worker = running.start_worker("w", args.concurrency)
+        assert worker.process is not None
+        pid = worker.process.pid
+        fake = running.fake
+        r = running.server.client()
+        idle = rss_mib(pid)
+        started = time.time()
+        pipe = r.pipeline(transaction=False)
+        for rid in range(1, args.results + 1):
+            payload = {"receipt_id": rid, "brand": BRAND, "fiscal_id": f"F-{rid}"}
+            pipe.xadd("fiscal:results", {"data": json.dumps(payload)})
+        pipe.execute()
+        wait_for(
+            lambda: (
+                r.xlen("fiscal:results") == 0
+                and r.zcard(keys.SCHEDULE) == args.results
+                and r.llen("fiscal") == 0
+            ),
+            timeout=600,
+            interval=0.5,
+            what="backlog ingested and parked",
         )
-        fake.start()
-        fake.fail_brand(BRAND, 503)  # an outage until the end of the run
-        worker = None
-        try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FISCAL_")}
-            env.update(
-                FISCAL_REDIS_URL=server.url,
-                FISCAL_CLOPOS_BASE_URL=str(fake.base_url),
-                FISCAL_CLOPOS_INTEGRATOR_ID="fake-integrator",
-                FISCAL_CLOPOS_CREDENTIALS_FILE=str(write_credentials(directory / "c.json", CREDS)),
-                FISCAL_LOG_LEVEL="WARNING",
-            )
-            worker = WorkerProcess(env, directory / "w.log", name="w", concurrency=args.concurrency)
-            worker.start()
-            assert worker.process is not None
-            pid = worker.process.pid
-            r = server.client()
-            idle = rss_mib(pid)
-            started = time.time()
-            pipe = r.pipeline(transaction=False)
-            for rid in range(1, args.results + 1):
-                payload = {"receipt_id": rid, "brand": BRAND, "fiscal_id": f"F-{rid}"}
-                pipe.xadd("fiscal:results", {"data": json.dumps(payload)})
-            pipe.execute()
-            wait_for(
-                lambda: (
-                    r.xlen("fiscal:results") == 0
-                    and r.zcard(keys.SCHEDULE) == args.results
-                    and r.llen("fiscal") == 0
-                ),
-                timeout=600,
-                interval=0.5,
-                what="backlog ingested and parked",
-            )
-            parked_after = time.time() - started
-            series = [("parked", rss_mib(pid), 0)]
-            for i in range(1, args.minutes * 4 + 1):
-                time.sleep(15)  # measuring: the outage goes on, results cycle through parking
-                runs = int(r.hget(keys.COUNTERS, "retries_scheduled") or 0)
-                series.append((f"+{15 * i}s", rss_mib(pid), runs))
-            stats = fake.stats()
-            print(f"backlog           {args.results} results, brand answering 503 throughout")
-            print(f"ingested+parked   in {parked_after:.1f} s; in Redis: {r.zcard(keys.SCHEDULE)}")
-            print(f"worker RSS (MiB)  main + pool; idle {idle[0]:.1f} + {idle[1]:.1f}")
-            for label, (main_rss, pool_rss), runs in series:
-                print(f"  {label:<8} {main_rss:6.1f} + {pool_rss:6.1f}   parkings so far {runs}")
-            print(f"calls to Clopos   {sum(stats['requests'].values())} (circuit breaker open)")
-            print(f"celery queue      {r.llen('fiscal')} messages; nothing waits in worker memory")
-        finally:
-            if worker is not None:
-                worker.stop()
-            fake.stop()
-            server.stop()
+        parked_after = time.time() - started
+        series = [("parked", rss_mib(pid), 0)]
+        for i in range(1, args.minutes * 4 + 1):
+            time.sleep(15)  # measuring: the outage goes on, results cycle through parking
+            runs = int(r.hget(keys.COUNTERS, "retries_scheduled") or 0)
+            series.append((f"+{15 * i}s", rss_mib(pid), runs))
+        stats = fake.stats()
+        print(f"backlog           {args.results} results, brand answering 503 throughout")
+        print(f"ingested+parked   in {parked_after:.1f} s; in Redis: {r.zcard(keys.SCHEDULE)}")
+        print(f"worker RSS (MiB)  main + pool; idle {idle[0]:.1f} + {idle[1]:.1f}")
+        for label, (main_rss, pool_rss), runs in series:
+            print(f"  {label:<8} {main_rss:6.1f} + {pool_rss:6.1f}   parkings so far {runs}")
+        print(f"calls to Clopos   {sum(stats['requests'].values())} (circuit breaker open)")
+        print(f"celery queue      {r.llen('fiscal')} messages; nothing waits in worker memory")
     return 0
 
 

@@ -15,19 +15,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support import RedisServer, WorkerProcess, wait_for, write_credentials
-
-from worker.fake_clopos import FakeClopos
-
-BRAND = "openapitest"
-CREDS = {BRAND: ("client-openapitest", "secret-openapitest-0001")}
+from harness import BRAND, system
+from support import wait_for
 
 
 def main() -> int:
@@ -38,59 +30,30 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
-        directory = Path(tmp)
-        server = RedisServer(directory)
-        server.start()
-        fake = FakeClopos(
-            integrator_id="fake-integrator",
-            brands={BRAND: {"client_id": CREDS[BRAND][0], "client_secret": CREDS[BRAND][1]}},
-            rate_limit=args.limit,
-            rate_window=args.window,
-        )
-        fake.start()
-        workers: list[WorkerProcess] = []
-        try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FISCAL_")}
-            env.update(
-                FISCAL_REDIS_URL=server.url,
-                FISCAL_CLOPOS_BASE_URL=str(fake.base_url),
-                FISCAL_CLOPOS_INTEGRATOR_ID="fake-integrator",
-                FISCAL_CLOPOS_CREDENTIALS_FILE=str(write_credentials(directory / "c.json", CREDS)),
+    receipts = range(1, args.results + 1)
+    with system(rate_limit=args.limit, rate_window=args.window) as running:
+        for i in range(args.workers):
+            running.start_worker(
+                f"w{i}",
+                args.concurrency,
                 FISCAL_RATE_LIMIT_REQUESTS=str(args.limit),
                 FISCAL_RATE_LIMIT_WINDOW_SECONDS=str(args.window),
-                FISCAL_LOG_LEVEL="WARNING",
             )
-            for i in range(args.workers):
-                log = directory / f"w{i}.log"
-                workers.append(
-                    WorkerProcess(env, log, name=f"w{i}", concurrency=args.concurrency).start()
-                )
-            for rid in range(1, args.results + 1):
-                fake.add_receipt(
-                    BRAND, {"id": rid, "status": 2, "closed_at": "2026-11-27 12:00:00"}
-                )
-            r = server.client()
-            started = time.time()
-            for rid in range(1, args.results + 1):
-                payload = {"receipt_id": rid, "brand": BRAND, "fiscal_id": f"F-{rid}"}
-                r.xadd("fiscal:results", {"data": json.dumps(payload)})
-            ideal = 2 * args.results / (args.limit / args.window)
-            receipts = range(1, args.results + 1)
-            wait_for(
-                lambda: all(fake.receipt(BRAND, i)["lock"] for i in receipts),
-                timeout=ideal * 3 + 60,
-                interval=0.2,
-                what="backlog drained",
-            )
-            drain = time.time() - started
-            report(fake.stats(), args, drain, ideal)
-        finally:
-            for worker in workers:
-                worker.stop()
-            fake.stop()
-            server.stop()
+        fake, r = running.fake, running.server.client()
+        for rid in receipts:
+            fake.add_receipt(BRAND, {"id": rid, "status": 2, "closed_at": "2026-11-27 12:00:00"})
+        started = time.time()
+        for rid in receipts:
+            payload = {"receipt_id": rid, "brand": BRAND, "fiscal_id": f"F-{rid}"}
+            r.xadd("fiscal:results", {"data": json.dumps(payload)})
+        ideal = 2 * args.results / (args.limit / args.window)
+        wait_for(
+            lambda: all(fake.receipt(BRAND, i)["lock"] for i in receipts),
+            timeout=ideal * 3 + 60,
+            interval=0.2,
+            what="backlog drained",
+        )
+        report(fake.stats(), args, time.time() - started, ideal)
     return 0
 
 
