@@ -49,6 +49,10 @@ BUSY_RECEIPT_WAIT_SECONDS = 1.0  # another worker holds the receipt: look again 
 GUARD_SPREAD_SECONDS = 20.0  # results held by the failed-call guard resume spread this wide
 
 
+class Superseded(Exception):
+    """This run's lease lapsed and a newer dispatch took the result: touch nothing."""
+
+
 @dataclass
 class _Run:
     """One execution of one result: which call of it comes next, and if it is a probe."""
@@ -131,6 +135,9 @@ class Fiscaliser:
             return self._apply(run, lock)
         except Deferred as deferred:
             return self._deferred(record, deferred)
+        except Superseded:
+            # Our lease lapsed and the result was published again: that run owns it now.
+            return Outcome("stale", "lease lapsed; a newer dispatch runs it")
         except CloposError as exc:
             if run.calls == 0:
                 record.attempts += 1  # failed before its first request (auth): still a try
@@ -163,9 +170,12 @@ class Fiscaliser:
             return self._not_ready(record, NotReadyError(decision.detail, http_status=got.status))
         if decision.action is Action.DONE:
             return self._finish(record, "already_done", decision.detail)
-        if not (lock.extend() and self.store.renew(record, self.clock())):
-            # Lost the lock or the result was re-driven: let the current holder decide.
-            return self._park(record, self.clock() + BUSY_RECEIPT_WAIT_SECONDS, "lease lost", False)
+        if not self.store.renew(record, self.clock()):
+            raise Superseded
+        if not lock.extend():
+            # The receipt lock expired under us: let whoever holds it now decide.
+            due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
+            return self._park(record, due, "lock lost", counted=False)
         patched = self.client.patch_receipt(
             record.brand,
             record.receipt_id,
@@ -223,14 +233,19 @@ class Fiscaliser:
         wait = slot - self.clock()
         if wait > rate.short_wait + rate.lead:
             raise Deferred(slot - rate.lead, f"budget slot of {brand} is later")
-        self.store.renew(record, self.clock())
-        if wait > 0:
-            time.sleep(wait)
+        self._wait(record, wait)
         while (free_at := self.budget.take(brand, now := self.clock())) is not None:
             if free_at - now > rate.short_wait:
                 raise Deferred(free_at, f"window of {brand} is full (others use the budget too)")
-            time.sleep(max(0.0, free_at - now))
+            self._wait(record, free_at - now)
         run.sent = now
+
+    def _wait(self, record: ResultRecord, seconds: float) -> None:
+        """Sleep a short wait, the result's lease extended over it so it is not re-driven."""
+        if not self.store.renew(record, self.clock() + max(0.0, seconds)):
+            raise Superseded
+        if seconds > 0:
+            time.sleep(seconds)
 
     def _after_call(self, run: _Run, rate: RateLimitInfo, exc: CloposError | None) -> None:
         """What one call tells the brand's budget (the server's view of the window) and its
@@ -323,6 +338,7 @@ class Fiscaliser:
         due: float,
         error: str,
         http_status: int | None = None,
+        *,
         counted: bool = True,
     ) -> Outcome:
         if counted:

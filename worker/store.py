@@ -178,27 +178,32 @@ class ResultRecord:
 
     @classmethod
     def from_hash(cls, rid: str, raw: Mapping[str, str]) -> ResultRecord:
-        def opt_float(name: str) -> float | None:
-            value = raw.get(name)
-            return float(value) if value not in (None, "") else None
+        """Parse a stored record; a damaged counter reads as unset rather than failing the
+        result for good (the fields that make the result, `result` and `first_seen`, must
+        parse)."""
 
-        status = raw.get("last_status")
+        def number(name: str, kind: type[int] | type[float]) -> Any:
+            try:
+                return kind(raw[name]) if raw.get(name) not in (None, "") else None
+            except ValueError:
+                return None
+
         return cls(
             rid=rid,
             result=json.loads(raw["result"]),
             payload=raw.get("payload", ""),
             first_seen=float(raw["first_seen"]),
-            dispatch=int(raw.get("dispatch", 0)),
-            attempts=int(raw.get("attempts", 0)),
-            failures=int(raw.get("failures", 0)),
-            not_ready_since=opt_float("not_ready_since"),
-            transient_since=opt_float("transient_since"),
-            auth_failures=int(raw.get("auth_failures", 0)),
+            dispatch=number("dispatch", int) or 0,
+            attempts=number("attempts", int) or 0,
+            failures=number("failures", int) or 0,
+            not_ready_since=number("not_ready_since", float),
+            transient_since=number("transient_since", float),
+            auth_failures=number("auth_failures", int) or 0,
             last_error=raw.get("last_error") or None,
-            last_status=int(status) if status not in (None, "") else None,
-            slot=opt_float("slot"),
-            step=float(raw.get("step") or 0.0),
-            slots=int(raw.get("slots") or 0),
+            last_status=number("last_status", int),
+            slot=number("slot", float),
+            step=number("step", float) or 0.0,
+            slots=number("slots", int) or 0,
         )
 
 

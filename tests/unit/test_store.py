@@ -103,3 +103,18 @@ def test_orphans_in_the_schedule_are_dropped(r, store):
     r.zadd(keys.SCHEDULE, {"ghost": NOW - 1})
     assert store.admit_due(NOW, 10).handled == 0
     assert r.zscore(keys.SCHEDULE, "ghost") is None
+
+
+def test_a_damaged_counter_reads_as_unset_instead_of_failing_the_result():
+    from worker.store import ResultRecord
+
+    raw = {
+        "result": '{"receipt_id": 1, "brand": "b", "fiscal_id": "F"}',
+        "first_seen": str(NOW),
+        "dispatch": "3",
+        "last_status": "False",
+        "attempts": "x",
+        "slot": "",
+    }
+    record = ResultRecord.from_hash("r1", raw)
+    assert (record.dispatch, record.last_status, record.attempts, record.slot) == (3, None, 0, None)
