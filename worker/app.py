@@ -17,10 +17,11 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import after_setup_logger, celeryd_init
 
+from worker import keys
 from worker.logs import install_redaction, quiet_libraries
 from worker.settings import SettingsError, get_settings
 
-QUEUE = "fiscal"
+QUEUE = keys.CELERY_QUEUE
 
 # Longer than any task can run (time limit below), so a running task's message is never
 # handed to a second worker by the restore sweep. Recovery after a crash does not wait for

@@ -77,7 +77,8 @@ class Deferred(Exception):
     """A call may not go now (no budget slot soon, brand paused, circuit open, failed-call
     guard); the result waits until `until` without counting a failed attempt."""
 
-    def __init__(self, until: float, why: str) -> None:
+    def __init__(self, until: float, why: str, *, circuit_open: bool = False) -> None:
         super().__init__(why)
         self.until = until
         self.why = why
+        self.circuit_open = circuit_open

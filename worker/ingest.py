@@ -23,6 +23,7 @@ import redis
 
 from worker import keys
 from worker.audit import AuditTrail
+from worker.dispatcher import Publish
 from worker.dlq import DeadLetterStore
 from worker.ingest_format import MAX_ENTRY_BYTES, FiscalResult, InvalidMessage, parse_entry
 from worker.logs import kv
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 
 READ_BATCH = 100
 MAX_DELIVERIES = 5  # an entry read this often and never settled is dead-lettered
-
-Publish = Callable[[str, int, str, str], None]  # rid, dispatch, brand, receipt_id
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,8 @@ class IngestConsumer:
         pipe = self.store.redis.pipeline(transaction=True)
         for entry, _ in accepted:
             self._ack(entry.entry_id, pipe)
+        pipe.hincrby(keys.COUNTERS, "received", len(accepted))
         pipe.execute()
-        self.store.redis.hincrby(keys.COUNTERS, "received", len(accepted))
 
     # --- one entry ----------------------------------------------------------------------------
     def _parse(self, entry: Entry) -> FiscalResult:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 PREFIX = "fw"
 
+# list: the Celery queue (kombu's Redis transport); kept short by FISCAL_MAX_QUEUED.
+CELERY_QUEUE = "fiscal"
+
 # Consumer group on the ingest stream (stream: bounded by XDEL after each XACK).
 INGEST_GROUP = "fiscal-worker"
 

@@ -199,7 +199,8 @@ class Fiscaliser:
         record, brand = run.record, run.record.brand
         permit = self.breaker.allow(brand)
         if not permit.allowed:
-            raise Deferred(permit.wait_until or self.clock() + 1, f"circuit open for {brand}")
+            until = permit.wait_until or self.clock() + 1
+            raise Deferred(until, f"circuit open for {brand}", circuit_open=True)
         run.probe = permit.probe
         try:
             self._await_budget(run)
@@ -309,7 +310,7 @@ class Fiscaliser:
         """No call was allowed: wait, uncounted. An open circuit is the brand's transient
         failure, so the result's transient window runs on while it waits."""
         now = self.clock()
-        if deferred.why.startswith("circuit open"):
+        if deferred.circuit_open:
             record.transient_since = record.transient_since or now
             if now >= record.transient_since + self.policy.transient_window:
                 error = f"{deferred.why}; last error: {record.last_error or '-'}"

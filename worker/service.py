@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import redis
 
-from worker.dispatcher import Dispatcher
+from worker.dispatcher import Dispatcher, Publish
 from worker.ingest import IngestConsumer
 from worker.logs import kv
 from worker.redis_conn import redis_client
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 DISPATCH_INTERVAL_SECONDS = 0.2
 RECLAIM_INTERVAL_SECONDS = 5.0
 ERROR_PAUSE_SECONDS = 1.0
-
-Publish = Callable[[str, int, str, str], None]
 
 
 class WorkerService:

@@ -18,8 +18,6 @@ from worker.dlq import DeadLetterStore
 from worker.ratelimit import BrandBudget, RatePolicy
 from worker.settings import Settings, SettingsError
 
-CELERY_QUEUE = "fiscal"  # worker/app.py QUEUE; not imported, so no Celery app is built here
-
 
 def known_brands(r: redis.Redis, settings: Settings) -> list[str]:
     """Brands with credentials, plus any brand with budget or breaker state in Redis."""
@@ -52,7 +50,7 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
         "results": {
             "unfinished": int(r.zcard(keys.SCHEDULE)),
             "due": int(r.zcount(keys.SCHEDULE, "-inf", now)),
-            "celery_queue": int(r.llen(CELERY_QUEUE)),
+            "celery_queue": int(r.llen(keys.CELERY_QUEUE)),
             "stream_length": int(r.xlen(settings.ingest_stream)),
             "stream_pending": pending_entries,
         },
