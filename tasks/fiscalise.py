@@ -20,13 +20,11 @@ import redis
 from celery import Task
 from celery.exceptions import Retry
 
-from worker.app import app
+from worker.app import TASK_NAME, app
 from worker.logs import kv
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
-
-TASK_NAME = "fiscal.fiscalise"
 
 
 class DeadLettered(Exception):

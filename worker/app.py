@@ -4,7 +4,7 @@
     celery -A worker.app flower
 
 Every setting below guards against one way Celery on Redis loses or doubles work
-(../shared/celery-pitfalls.md); the comment says which.
+(docs/celery-pitfalls.md); the comment says which.
 """
 
 from __future__ import annotations
@@ -12,16 +12,20 @@ from __future__ import annotations
 import logging
 import ssl
 import sys
+import time
 from typing import Any
 
+import redis
 from celery import Celery, bootsteps
-from celery.signals import after_setup_logger, celeryd_init
+from celery.signals import after_setup_logger, celeryd_init, task_received
 
 from worker import keys
-from worker.logs import install_redaction, quiet_libraries
+from worker.logs import install_redaction, kv, quiet_libraries
 from worker.settings import SettingsError, get_settings
 
 QUEUE = keys.CELERY_QUEUE
+TASK_NAME = "fiscal.fiscalise"  # tasks/fiscalise.py registers it under this name
+POLICY_CHECK_SECONDS = 20.0  # how long a starting worker waits for Redis to read its policy
 
 # Longer than any task can run (time limit below), so a running task's message is never
 # handed to a second worker by the restore sweep. Recovery after a crash does not wait for
@@ -95,7 +99,7 @@ class FiscalWorkerStep(bootsteps.StartStopStep):
         from worker.runtime import get_runtime
         from worker.service import WorkerService
 
-        self.service = WorkerService(get_runtime(), publish, QUEUE)
+        self.service = WorkerService(get_runtime(), publish, QUEUE, held=held_results)
         self.service.start()
 
     def stop(self, parent: Any) -> None:
@@ -106,14 +110,93 @@ class FiscalWorkerStep(bootsteps.StartStopStep):
 app.steps["worker"].add(FiscalWorkerStep)
 
 
+def held_results() -> list[tuple[str, int]]:
+    """(rid, dispatch) of every fiscalise request this worker process holds: received,
+    prefetched or running (Celery's reserved requests, kept by its main process)."""
+    from celery.worker import state
+
+    for _ in range(3):
+        try:
+            requests = list(state.reserved_requests)
+            break
+        except RuntimeError:  # the set changed size while we copied it: again
+            continue
+    else:
+        return []
+    return [pair for pair in map(_held_pair, requests) if pair is not None]
+
+
+def _held_pair(request: Any) -> tuple[str, int] | None:
+    args = getattr(request, "args", None) or ()
+    if getattr(request, "name", None) != TASK_NAME or len(args) < 2:
+        return None
+    try:
+        return str(args[0]), int(args[1])
+    except (TypeError, ValueError):
+        return None
+
+
+@task_received.connect
+def _hold_received(request: Any = None, **_: Any) -> None:
+    """A worker took a message: its result's lease is this worker's from now on (renewed by
+    its heartbeat), so a worker that dies holding it frees it within worker_lease_seconds
+    rather than the queue lease. Never raises: the consumer must go on."""
+    pair = _held_pair(request)
+    if pair is None:
+        return
+    try:
+        from worker.runtime import get_runtime
+
+        get_runtime().store.hold([pair], time.time() + _settings.worker_lease_seconds)
+    except Exception as exc:  # Redis down: the queue lease still covers it
+        logging.getLogger(__name__).warning(
+            kv("hold_failed", rid=pair[0], error=exc.__class__.__name__)
+        )
+
+
 @celeryd_init.connect
 def _check_worker_settings(**_: Any) -> None:
-    """A worker needs Clopos credentials: fail at start with one line, not a traceback."""
+    """A worker needs Clopos credentials and a Redis that never evicts its state: fail at
+    start with one line, not a traceback."""
     try:
         _settings.clopos_credentials()
     except SettingsError as exc:
         print(f"fiscal-worker: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    _check_redis_policy()
+
+
+def _check_redis_policy() -> None:
+    from worker.redis_conn import EvictingRedis, check_policy, redis_client
+
+    log = logging.getLogger(__name__)
+    deadline = time.monotonic() + POLICY_CHECK_SECONDS
+    while True:
+        try:
+            policy = check_policy(
+                redis_client(_settings), allow_evicting=_settings.allow_evicting_redis
+            )
+            break
+        except EvictingRedis as exc:
+            print(f"fiscal-worker: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except redis.RedisError as exc:
+            if time.monotonic() >= deadline:
+                # Celery retries the broker itself; the heartbeat checks the policy later.
+                log.warning(kv("redis_policy_unchecked", error=exc.__class__.__name__))
+                return
+            time.sleep(1.0)
+    if policy is None:
+        log.warning(kv("redis_policy_unknown", hint="make sure maxmemory-policy is noeviction"))
+    elif policy != "noeviction":
+        log.error(
+            kv(
+                "redis_evicting_policy",
+                maxmemory_policy=policy,
+                allowed="FISCAL_ALLOW_EVICTING_REDIS",
+                risk="results, markers and leases can be deleted by Redis",
+            )
+        )
 
 
 @after_setup_logger.connect

@@ -71,7 +71,10 @@ def _redis() -> redis.Redis:
 
 
 def _store() -> DeadLetterStore:
-    return DeadLetterStore(_redis(), max_entries=_settings().dlq_max_entries)
+    settings = _settings()
+    return DeadLetterStore(
+        _redis(), warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
+    )
 
 
 def _stdin_is_interactive() -> bool:
@@ -221,13 +224,21 @@ def dlq_show(entry_id: str, as_json: bool) -> None:
 @dlq.command("stats")
 @json_option
 def dlq_stats(as_json: bool) -> None:
-    """Counts by reason and by brand."""
+    """Counts by reason and by brand, and the store's size against its warning bound."""
     stats = _store().stats()
     if as_json:
         _print_json(stats)
         return
-    click.echo(f"total:   {stats['total']}")
-    click.echo(f"trimmed: {stats['trimmed']} (dropped by the store's bound)")
+    click.echo(f"total:   {stats['total']} (warns at {stats['warn_entries']})")
+    click.echo(
+        f"bytes:   {stats['bytes']} = {_size(stats['bytes'])} "
+        f"(warns at {_size(stats['warn_bytes'])})"
+    )
+    if stats["over_bound"]:
+        click.echo(
+            "WARNING: the dead-letter store is over its bound; nothing is dropped: "
+            "replay or purge entries (fiscal-worker dlq replay / purge)"
+        )
     for title, counts in (("reason", stats["by_reason"]), ("brand", stats["by_brand"])):
         if not counts:
             continue
@@ -238,6 +249,18 @@ def dlq_stats(as_json: bool) -> None:
             table.add_row(_cell(name if name else "(unknown)"), str(count))
         click.echo("")
         _console().print(table)
+
+
+def _size(count: int) -> str:
+    """Bytes for a human: 512 B, 1.5 KiB, 3.0 GiB."""
+    if count < 1024:
+        return f"{count} B"
+    size = count / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def _selection(

@@ -4,7 +4,8 @@ One `httpx.Client` per process (connection pooling), explicit timeouts (read abo
 API's 8 s upstream limit). Responses go through `classify()`, a pure function that turns
 (status, body, headers) into success or one of the errors of `worker.errors`; a 200 whose
 body says `"success": false` is a failure too. Tokens come from a `TokenProvider` shared
-through Redis; a 401 on a call invalidates the token and the call is retried once.
+through Redis; an auth-class answer to a call (401, 403, success:false with a token
+error) invalidates the shared token and the call is retried once with a fresh one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -61,6 +62,17 @@ class TokenSource:
 
     def invalidate(self, brand: str, token: str) -> None:  # pragma: no cover - protocol
         raise NotImplementedError
+
+
+class CallGate(Protocol):
+    """What a caller hands the client to govern one call's requests (the pipeline's run):
+    `before_call` before the token is fetched (budget, breaker: it may raise Deferred, so a
+    brand that may not call costs no /v2/auth); `before_send` right before the request goes
+    (a fence: it may raise to stop it)."""
+
+    def before_call(self) -> None: ...
+
+    def before_send(self) -> None: ...
 
 
 # Called after every authenticated response (rate budget, metrics); must not raise.
@@ -200,7 +212,7 @@ class CloposClient:
         brand: str,
         receipt_id: int,
         venue_id: int | None = None,
-        gate: Callable[[], None] | None = None,
+        gate: CallGate | None = None,
     ) -> ApiResponse:
         return self._authenticated("GET", brand, receipt_id, venue_id, gate=gate)
 
@@ -210,7 +222,7 @@ class CloposClient:
         receipt_id: int,
         fields: Mapping[str, Any],
         venue_id: int | None = None,
-        gate: Callable[[], None] | None = None,
+        gate: CallGate | None = None,
     ) -> ApiResponse:
         unknown = set(fields) - UPDATABLE_FIELDS
         if unknown or not fields:
@@ -225,20 +237,23 @@ class CloposClient:
         receipt_id: int,
         venue_id: int | None,
         body: dict[str, Any] | None = None,
-        gate: Callable[[], None] | None = None,
+        gate: CallGate | None = None,
     ) -> ApiResponse:
-        """One call, and once more with a fresh token after a 401. `gate` runs before each
-        HTTP request (the rate budget's slot); it may raise to stop the call."""
+        """One call, and once more with a fresh token after any auth-class answer (401,
+        403, or a 200 with success:false and an auth/token error): the token it used is
+        dropped from the shared cache (only if it is still that one) and re-fetched."""
         if self.tokens is None:
             raise RuntimeError("CloposClient.tokens is not set")
         path = f"/v2/receipts/{int(receipt_id)}"
         for attempt in (1, 2):
             if gate is not None:
-                gate()  # before the token: no auth call for a brand that may not call now
+                gate.before_call()  # before the token: no auth call for a brand that may not call
             token = self.tokens.get(brand)
             headers = {"x-token": token}
             if venue_id is not None:
                 headers["x-venue"] = str(int(venue_id))
+            if gate is not None:
+                gate.before_send()
             outcome = self._send(method, path, json=body, headers=headers)
             status = outcome.http_status if isinstance(outcome, CloposError) else outcome.status
             if self.on_response is not None:
@@ -253,7 +268,7 @@ class CloposClient:
                     outcome=outcome.kind if isinstance(outcome, CloposError) else "ok",
                 )
             )
-            if isinstance(outcome, AuthError) and outcome.http_status == 401 and attempt == 1:
+            if isinstance(outcome, AuthError) and attempt == 1:
                 self.tokens.invalidate(brand, token)  # expired or revoked: one fresh token
                 continue
             if isinstance(outcome, CloposError):

@@ -7,6 +7,14 @@ brand's backlog is spread over its budget in Redis and another brand's result, d
 is published in the same pass. It publishes only while the Celery queue holds fewer than
 `max_queued` messages: no queued message waits longer than its lease, and nothing waits
 in worker memory.
+
+Two sweeps keep the schedule and the records in step (neither should ever find anything;
+each finding is logged at error level and counted):
+  orphan        a schedule entry whose record is gone (deleted, or evicted by a Redis
+                with an evicting maxmemory-policy): dead-lettered `retries_exhausted`
+                with what is known (its id), never dropped silently
+  unscheduled   a record with no schedule entry, which nothing would ever run: put back
+                in the schedule, due now (`sweep_unscheduled`, a slow SCAN of the records)
 """
 
 from __future__ import annotations
@@ -15,14 +23,25 @@ import logging
 import time
 from collections.abc import Callable
 
+import redis
+
+from worker import keys
+from worker.dlq import DeadLetterStore
 from worker.logs import kv
 from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 
 BATCH = 100  # results claimed per round trip
+SWEEP_SCAN_COUNT = 500  # records looked at per sweep step
 
 Publish = Callable[[str, int, str, str], None]  # rid, dispatch, brand, receipt_id
+
+ORPHAN_ERROR = (
+    "lost from Redis: the schedule held this result but its record is gone (deleted, or "
+    "evicted: see maxmemory-policy); its stream entry was acknowledged, so the adapter's own "
+    "log has the payload"
+)
 
 
 class Dispatcher:
@@ -33,13 +52,16 @@ class Dispatcher:
         queue_length: Callable[[], int],
         *,
         max_queued: int,
+        dlq: DeadLetterStore,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.publish = publish
         self.queue_length = queue_length
         self.max_queued = max_queued
+        self.dlq = dlq
         self.clock = clock
+        self._sweep_cursor = 0
 
     def run_once(self) -> int:
         """One admission pass; returns how many due results it handled (published or
@@ -50,6 +72,48 @@ class Dispatcher:
         admission = self.store.admit_due(self.clock(), min(room, BATCH))
         for item in admission.publish:
             self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
+        for rid in admission.orphans:
+            self.dead_letter_orphan(rid)
         if admission.handled:
             log.debug(kv("dispatched", published=len(admission.publish), parked=admission.parked))
         return admission.handled
+
+    def dead_letter_orphan(self, rid: str) -> str | None:
+        """Dead-letter a schedule entry whose record is gone, and drop the entry, in one
+        transaction; None if the record exists after all."""
+        key = keys.result(rid)
+        with self.store.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.exists(key):
+                    return None
+                pipe.multi()
+                dlq_id = self.dlq.add(
+                    reason="retries_exhausted",
+                    payload="",
+                    error=ORPHAN_ERROR,
+                    result_id=rid,
+                    pipeline=pipe,
+                )
+                pipe.zrem(keys.SCHEDULE, rid)
+                pipe.hincrby(keys.COUNTERS, "orphans", 1)
+                pipe.execute()
+            except redis.WatchError:
+                return None
+        log.error(kv("result_orphaned", rid=rid, dlq_id=dlq_id))
+        return dlq_id
+
+    def sweep_unscheduled(self) -> int:
+        """One step of a SCAN over the records: any without a schedule entry is put back,
+        due now. Returns how many it found; call it again to go on (it wraps around)."""
+        self._sweep_cursor, found = self.store.redis.scan(
+            self._sweep_cursor, match=keys.result("*"), count=SWEEP_SCAN_COUNT
+        )
+        prefix = len(keys.result(""))
+        rids = [(k.decode() if isinstance(k, bytes) else k)[prefix:] for k in found]
+        lost = self.store.reschedule_lost(rids, self.clock())
+        for rid in lost:
+            log.error(kv("result_unscheduled", rid=rid))
+        if lost:
+            self.store.redis.hincrby(keys.COUNTERS, "unscheduled", len(lost))
+        return len(lost)

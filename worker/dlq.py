@@ -3,8 +3,16 @@
 Each entry is one JSON string under `keys.dlq_entry(id)`, indexed three ways (all, by
 reason, by brand) in zsets scored by its sequence number, so the newest page of a 100k
 store is one ZREVRANGE. `keys.DLQ_COUNTS` keeps the counts per reason and brand for
-`stats()`. Writes are atomic (MULTI/EXEC or a Lua script): an entry is never half in the
-store. The store is bounded by `max_entries`; the oldest entries are trimmed first.
+`stats()`, and `keys.DLQ_BYTES` the total size of the stored entry JSON strings. Writes are
+atomic (Lua scripts, alone or in the caller's MULTI/EXEC): an entry is never half in the
+store.
+
+The store never discards on its own: entries leave only by `remove`, `purge` or `replay`.
+`warn_entries` / `warn_bytes` are a warning, not a bound: at or past either one `stats()`
+says `over_bound` and an add logs `dlq_over_bound` (at most once a minute per process).
+Payloads are kept whole up to 1 MiB (else their first 64 KiB), so an entry's size is
+predictable. A result id is dead-lettered at most once while its entry is in the store
+(`keys.dlq_by_result`): a second add for it returns the first entry's id.
 
 Entry fields: id, reason, receipt_id, brand, fiscal_id, attempts, first_seen, last_seen,
 error, http_status, payload, payload_truncated, payload_bytes, payload_sha256,
@@ -17,6 +25,9 @@ import hashlib
 import json
 import logging
 import re
+import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import islice
@@ -49,33 +60,86 @@ TRUNCATED_PAYLOAD_BYTES = 64 * 1024  # what is kept of a larger payload
 MAX_ERROR_CHARS = 2_000  # an error message is cut here
 MAX_FIELD_CHARS = 256  # brand / fiscal_id of an invalid message are cut here
 PAGE = 500  # ids read per round trip when walking an index
+OVER_BOUND_WARNING_SECONDS = 60.0  # `dlq_over_bound` is logged at most this often
 
 ID_PATTERN = re.compile(r"dl-[1-9][0-9]*")
 
-# Removes one entry with its index memberships and counts; 1 if it existed.
-# KEYS: entry, index, by_reason, by_brand, counts. ARGV: id, reason field, brand field.
+# Sets a non-negative counter key to its value + delta (deleted at 0; damaged = 0).
+_BYTES_FUNCTION = """
+local function add_bytes(key, delta)
+  local size = (tonumber(redis.call('GET', key)) or 0) + delta
+  if size > 0 then
+    redis.call('SET', key, string.format('%d', size))
+  else
+    redis.call('DEL', key)
+    size = 0
+  end
+  return size
+end
+"""
+# Adds one entry with its index memberships, counts and size, unless the by-result key
+# (KEYS[7], only when the result has an id) names an entry still in the store.
+# KEYS: entry, index, by_reason, by_brand, counts, bytes[, by_result].
+# ARGV: id, reason field, brand field, seq, entry JSON.
+# Returns {id, 1, total, bytes} when added, {existing id, 0} when not.
+_ADD_LUA = (
+    _BYTES_FUNCTION
+    + """
+local existing = KEYS[7] and redis.call('GET', KEYS[7])
+if existing and redis.call('ZSCORE', KEYS[2], existing) then
+  return {existing, 0}
+end
+redis.call('SET', KEYS[1], ARGV[5])
+for i = 2, 4 do
+  redis.call('ZADD', KEYS[i], ARGV[4], ARGV[1])
+end
+redis.call('HINCRBY', KEYS[5], ARGV[2], 1)
+redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+local size = add_bytes(KEYS[6], string.len(ARGV[5]))
+if KEYS[7] then
+  redis.call('SET', KEYS[7], ARGV[1])
+end
+return {ARGV[1], 1, redis.call('ZCARD', KEYS[2]), size}
+"""
+)
+# Removes one entry with its index memberships, counts, size and by-result key (if it
+# still names this entry); `existed` is 1 if it was there.
+# K (the removal keys): as _ADD_LUA's KEYS. ARGV: id, reason field, brand field.
 _REMOVE_BODY = """
-local existed = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if existed == 1 then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[4], ARGV[1])
+local raw = redis.call('GET', K[1])
+redis.call('ZREM', K[2], ARGV[1])
+local existed = 0
+if raw then
+  existed = 1
+  redis.call('DEL', K[1])
+  redis.call('ZREM', K[3], ARGV[1])
+  redis.call('ZREM', K[4], ARGV[1])
   for i = 2, 3 do
-    if redis.call('HINCRBY', KEYS[5], ARGV[i], -1) <= 0 then
-      redis.call('HDEL', KEYS[5], ARGV[i])
+    if redis.call('HINCRBY', K[5], ARGV[i], -1) <= 0 then
+      redis.call('HDEL', K[5], ARGV[i])
     end
+  end
+  add_bytes(K[6], -string.len(raw))
+  if K[7] and redis.call('GET', K[7]) == ARGV[1] then
+    redis.call('DEL', K[7])
   end
 end
 """
-_REMOVE_LUA = _REMOVE_BODY + "return existed\n"
+_REMOVE_LUA = _BYTES_FUNCTION + "local K = KEYS\n" + _REMOVE_BODY + "return existed\n"
 # Replay: XADD the payload to the stream and remove the entry, or nothing if it is gone.
-# KEYS: as above + stream. ARGV: as above + payload.
+# KEYS: stream, then the removal keys. ARGV: as above + payload.
 _REPLAY_LUA = (
-    "if redis.call('EXISTS', KEYS[1]) == 0 then return false end\n"
-    "local stream_id = redis.call('XADD', KEYS[6], '*', 'data', ARGV[4], 'replay_of', ARGV[1])\n"
+    _BYTES_FUNCTION
+    + "local K = {unpack(KEYS, 2)}\n"
+    + "if redis.call('EXISTS', K[1]) == 0 then return false end\n"
+    + "local stream_id = redis.call('XADD', KEYS[1], '*', 'data', ARGV[4], 'replay_of', ARGV[1])\n"
     + _REMOVE_BODY
     + "return stream_id\n"
 )
+
+# When this process last logged `dlq_over_bound` (time.monotonic()).
+_last_over_bound_warning = float("-inf")
+_over_bound_lock = threading.Lock()
 
 
 class ReplayError(Exception):
@@ -83,15 +147,30 @@ class ReplayError(Exception):
 
 
 class DeadLetterStore:
-    """Dead-lettered results in Redis, bounded by `max_entries` (default 100_000)."""
+    """Dead-lettered results in Redis; never trimmed, warns at or past its bound.
 
-    def __init__(self, redis: Redis, *, max_entries: int = 100_000) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be >= 1")
+    `warn_entries` (default 100_000) and `warn_bytes` (default 1 GiB, of entry JSON)
+    only decide `stats()["over_bound"]` and the `dlq_over_bound` warning.
+    """
+
+    def __init__(
+        self, redis: Redis, *, warn_entries: int = 100_000, warn_bytes: int = 1024**3
+    ) -> None:
+        if warn_entries < 1:
+            raise ValueError("warn_entries must be >= 1")
+        if warn_bytes < 1:
+            raise ValueError("warn_bytes must be >= 1")
         self.redis = redis
-        self.max_entries = max_entries
+        self.warn_entries = warn_entries
+        self.warn_bytes = warn_bytes
+        self._add_script = redis.register_script(_ADD_LUA)
         self._remove_script = redis.register_script(_REMOVE_LUA)
         self._replay_script = redis.register_script(_REPLAY_LUA)
+        # Per caller's pipeline: by-result key -> (entry id, its queued command), so a
+        # second add for one result id in one MULTI returns the first one's id.
+        self._queued: weakref.WeakKeyDictionary[Pipeline, dict[str, tuple[str, Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # --- writing -----------------------------------------------------------------------
 
@@ -118,9 +197,14 @@ class DeadLetterStore:
         `result` is the parsed result (dict or FiscalResult), null for invalid messages;
         receipt_id / brand / fiscal_id default to its fields.
 
-        With `pipeline` (a transaction after MULTI) the id is allocated now and the writes
-        are queued on it, to commit with the caller's own changes; otherwise they are
-        executed here in one MULTI/EXEC. Either way the store is then kept within its bound.
+        A result id is dead-lettered once: while an entry for `result_id` is in the store,
+        add() writes nothing and returns that entry's id (checked and written in one Lua
+        script, so concurrent adds for one result id make one entry).
+
+        With `pipeline` (a transaction after MULTI) the id is allocated now and the guarded
+        write is queued on it, to commit with the caller's own changes (if another process
+        dead-letters the same result id first, the write does nothing at EXEC); otherwise it
+        runs here. Nothing is ever dropped: past the bound an add only logs a warning.
         """
         if reason not in REASONS:
             raise ValueError(f"unknown dead-letter reason {reason!r}; one of {', '.join(REASONS)}")
@@ -129,6 +213,13 @@ class DeadLetterStore:
             receipt_id = result_fields.get("receipt_id") if receipt_id is None else receipt_id
             brand = result_fields.get("brand") if brand is None else brand
             fiscal_id = result_fields.get("fiscal_id") if fiscal_id is None else fiscal_id
+        entry_result_id = None if result_id is None else str(result_id)
+        by_result = None if entry_result_id is None else keys.dlq_by_result(entry_result_id)
+        if pipeline is not None and by_result is not None:
+            existing = self._queued_on(pipeline, by_result) or self._existing(by_result)
+            if existing is not None:
+                _log_duplicate(existing, entry_result_id)
+                return existing
         now = to_rfc3339()
         entry_brand = _cut(brand)
         seq = int(self.redis.incr(keys.DLQ_SEQ))
@@ -146,53 +237,80 @@ class DeadLetterStore:
             "http_status": _int_or_none(http_status),
             **_payload_fields(payload),
             "result": result_fields,
-            "result_id": None if result_id is None else str(result_id),
+            "result_id": entry_result_id,
         }
-        brand_key = _brand_key(entry_brand)
+        text = _dumps(entry)
+        script_keys, args = _removal(entry_id, entry)
+        args = [*args, str(seq), text]
+        if pipeline is not None:
+            outcome = self._add_script(keys=script_keys, args=args, client=pipeline)
+            if outcome is pipeline:  # queued (a pipeline that is WATCHing runs it now)
+                if by_result is not None:
+                    command = pipeline.command_stack[-1] if pipeline.command_stack else None
+                    self._queued.setdefault(pipeline, {})[by_result] = (entry_id, command)
+                self._warn_if_over_bound(pending_bytes=len(text.encode("utf-8")))
+                return entry_id
+        else:
+            outcome = self._add_script(keys=script_keys, args=args)
+        stored_id = _text(outcome[0])
+        if int(outcome[1]) != 1:
+            _log_duplicate(stored_id, entry_result_id)
+            return stored_id
         if pipeline is None:
-            with self.redis.pipeline(transaction=True) as pipe:
-                self._queue_add(pipe, seq, entry, brand_key)
-                pipe.execute()
             logger.info(
                 "dlq_added id=%s reason=%s brand=%s receipt_id=%s result_id=%s",
                 entry_id,
                 reason,
-                brand_key or "-",
+                _brand_key(entry_brand) or "-",
                 entry["receipt_id"],
-                _log_safe(entry["result_id"]),
+                _log_safe(entry_result_id),
             )
-            self.trim()
-        else:
-            # Make room first: trimming after the caller's EXEC would be the caller's job.
-            self.trim(max_entries=self.max_entries - 1)
-            self._queue_add(pipeline, seq, entry, brand_key)
+        self._warn_if_over_bound(entries=int(outcome[2]), size=int(outcome[3]))
+        return stored_id
+
+    def _existing(self, by_result: str) -> str | None:
+        """The id of the entry stored for a result id (its by-result key), if any."""
+        entry_id = self.redis.get(by_result)
+        if entry_id is None or self.redis.zscore(keys.DLQ_INDEX, _text(entry_id)) is None:
+            return None
+        return _text(entry_id)
+
+    def _queued_on(self, pipeline: Pipeline, by_result: str) -> str | None:
+        """The id an earlier add() queued on this pipeline for a result id, if still queued."""
+        entry_id, command = self._queued.get(pipeline, {}).get(by_result, (None, None))
+        stack = getattr(pipeline, "command_stack", ())
+        if entry_id is None or command is None or not any(c is command for c in stack):
+            return None
         return entry_id
 
-    def _queue_add(self, pipe: Pipeline, seq: int, entry: dict[str, Any], brand_key: str) -> None:
-        entry_id, reason = entry["id"], entry["reason"]
-        pipe.set(keys.dlq_entry(entry_id), _dumps(entry))
-        pipe.zadd(keys.DLQ_INDEX, {entry_id: seq})
-        pipe.zadd(keys.dlq_by_reason(reason), {entry_id: seq})
-        pipe.zadd(keys.dlq_by_brand(brand_key), {entry_id: seq})
-        pipe.hincrby(keys.DLQ_COUNTS, f"reason:{reason}", 1)
-        pipe.hincrby(keys.DLQ_COUNTS, f"brand:{brand_key}", 1)
-
-    def trim(self, *, max_entries: int | None = None) -> int:
-        """Remove the oldest entries beyond the bound; returns how many were removed."""
-        bound = max(0, self.max_entries if max_entries is None else max_entries)
-        removed = 0
-        while True:
-            excess = int(self.redis.zcard(keys.DLQ_INDEX)) - bound
-            if excess <= 0:
-                break
-            oldest = self.redis.zrange(keys.DLQ_INDEX, 0, min(excess, PAGE) - 1)
-            if not oldest:
-                break
-            removed += len(self._remove_many(oldest))
-        if removed:
-            self.redis.incrby(keys.DLQ_TRIMMED, removed)
-            logger.warning("dlq_trimmed count=%d max_entries=%d", removed, self.max_entries)
-        return removed
+    def _warn_if_over_bound(
+        self, *, entries: int | None = None, size: int | None = None, pending_bytes: int = 0
+    ) -> None:
+        """Log `dlq_over_bound` (at most once per OVER_BOUND_WARNING_SECONDS per process)
+        when the store is at or past a bound; without counts, read them (+1 entry queued)."""
+        global _last_over_bound_warning
+        if time.monotonic() - _last_over_bound_warning < OVER_BOUND_WARNING_SECONDS:
+            return
+        if entries is None or size is None:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(keys.DLQ_INDEX)
+                pipe.get(keys.DLQ_BYTES)
+                total, stored = pipe.execute()
+            entries, size = int(total) + 1, _counter(stored) + pending_bytes
+        if entries < self.warn_entries and size < self.warn_bytes:
+            return
+        with _over_bound_lock:
+            now = time.monotonic()
+            if now - _last_over_bound_warning < OVER_BOUND_WARNING_SECONDS:
+                return
+            _last_over_bound_warning = now
+        logger.warning(
+            "dlq_over_bound entries=%d bytes=%d warn_entries=%d warn_bytes=%d",
+            entries,
+            size,
+            self.warn_entries,
+            self.warn_bytes,
+        )
 
     def remove(self, entry_id: str) -> dict[str, Any] | None:
         """Remove one entry atomically; returns it, or None if there was none."""
@@ -244,7 +362,7 @@ class DeadLetterStore:
                 f"{entry_id}: payload is still invalid ({exc}); cannot replay"
             ) from None
         script_keys, args = _removal(entry_id, entry)
-        stream_id = self._replay_script(keys=[*script_keys, stream], args=[*args, entry["payload"]])
+        stream_id = self._replay_script(keys=[stream, *script_keys], args=[*args, entry["payload"]])
         if stream_id is None:
             return None
         logger.info("dlq_replayed id=%s stream_id=%s", entry_id, _text(stream_id))
@@ -302,12 +420,15 @@ class DeadLetterStore:
         return self._scan(*walk, newest_first=False)
 
     def stats(self) -> dict[str, Any]:
-        """{"total", "by_reason": {reason: n}, "by_brand": {brand: n}, "trimmed"}; no zeros."""
+        """{"total", "bytes", "by_reason": {reason: n}, "by_brand": {brand: n},
+        "warn_entries", "warn_bytes", "over_bound"}; the counts omit zeros. `bytes` is the
+        size of the stored entry JSON; over_bound: total >= warn_entries or bytes >= warn_bytes.
+        """
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.zcard(keys.DLQ_INDEX)
             pipe.hgetall(keys.DLQ_COUNTS)
-            pipe.get(keys.DLQ_TRIMMED)
-            total, counts, trimmed = pipe.execute()
+            pipe.get(keys.DLQ_BYTES)
+            total, counts, stored = pipe.execute()
         by_reason: dict[str, int] = {}
         by_brand: dict[str, int] = {}
         for field, value in counts.items():
@@ -320,11 +441,15 @@ class DeadLetterStore:
             elif kind == "brand":
                 by_brand[name] = number
         order = {reason: i for i, reason in enumerate(REASONS)}
+        total, size = int(total), _counter(stored)
         return {
-            "total": int(total),
+            "total": total,
+            "bytes": size,
             "by_reason": dict(sorted(by_reason.items(), key=lambda kv: order.get(kv[0], 99))),
             "by_brand": dict(sorted(by_brand.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "trimmed": int(trimmed or 0),
+            "warn_entries": self.warn_entries,
+            "warn_bytes": self.warn_bytes,
+            "over_bound": total >= self.warn_entries or size >= self.warn_bytes,
         }
 
     # --- helpers -----------------------------------------------------------------------
@@ -424,17 +549,25 @@ def _payload_fields(payload: str | bytes) -> dict[str, Any]:
 
 
 def _removal(entry_id: str, entry: dict[str, Any] | None) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of the removal script for one entry (None: only its index slot)."""
+    """KEYS and ARGV of the add / removal scripts for one entry (None: only its index slot).
+
+    KEYS: entry, index, by_reason, by_brand, counts, bytes, and by_result when the entry
+    has a result id. ARGV: id, reason field, brand field.
+    """
     reason = entry.get("reason") if entry else None
     reason = reason if reason in REASONS else REASONS[0]
     brand_key = _brand_key(entry.get("brand") if entry else None)
+    result_id = entry.get("result_id") if entry else None
     script_keys = [
         keys.dlq_entry(entry_id),
         keys.DLQ_INDEX,
         keys.dlq_by_reason(reason),
         keys.dlq_by_brand(brand_key),
         keys.DLQ_COUNTS,
+        keys.DLQ_BYTES,
     ]
+    if isinstance(result_id, str):
+        script_keys.append(keys.dlq_by_result(result_id))
     return script_keys, [entry_id, f"reason:{reason}", f"brand:{brand_key}"]
 
 
@@ -460,6 +593,18 @@ def _int_or_none(value: Any) -> int | None:
 
 def _cut(value: Any) -> str | None:
     return None if value is None else str(value)[:MAX_FIELD_CHARS]
+
+
+def _log_duplicate(entry_id: str, result_id: str | None) -> None:
+    logger.info("dlq_duplicate id=%s result_id=%s", entry_id, _log_safe(result_id))
+
+
+def _counter(value: str | bytes | None) -> int:
+    """A counter as read from Redis: missing, damaged or negative count as 0."""
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0
 
 
 def _log_safe(value: str | None) -> str:

@@ -15,8 +15,9 @@ Routes (the base URL returned by `start()` is the API root):
     POST  /_fake/receipts               {"brand": ..., "receipt": {...}} -> add or replace
     GET   /_fake/receipts/{brand}/{id}  stored copy (ignores venue and appear_after)
     POST  /_fake/faults                 {"kind": <kind>, ...keyword arguments of the method}
-        kinds: fail_next, success_false, latency (set_latency), appear_after, close_after,
-        fail_brand, reject_auth, revoke_tokens, external_usage (set_external_usage)
+        kinds: fail_next, success_false, latency (set_latency), slow_next, appear_after,
+        close_after, fail_brand, reject_auth, revoke_tokens, external_usage
+        (set_external_usage)
     Control endpoints answer {"success": true, "data": ...} or 400 {"success": false,
     "error": "bad_request", "message": ...}; they bypass latency, limits and stats.
 
@@ -43,9 +44,16 @@ Choices where the real API is silent:
 - Auth is limited per client IP (`auth_limit` per `auth_window`); its 429s are counted in
   stats["rate_limited"]["_auth"], flood-guard 429s under "_flood".
 - Latency (global, per brand, or per receipt; per method or "ANY") applies to /v2/auth too.
+  slow_next delays only the next `count` calls of one receipt, then they are served
+  normally: a call the client gave up on (read timeout) is still applied, late.
+- A revoked token answers, per revoke_tokens(status=...): 401 invalid_token (default),
+  403 forbidden, or any other status with {"success": false, "error": <error>} (200 with
+  error "token_expired" by default) -- the non-401 ways gateways report a dead token.
 - stats()["receipts"][...]["get"/"patch"/"patch_bodies"] count calls with a valid token
   within the budget, whatever their outcome (faults, 400, 404 included); a body that is
-  not a JSON object is recorded as {"_raw": <text or value>}.
+  not a JSON object is recorded as {"_raw": <text or value>}. "patch_ok" counts the
+  PATCHes that changed the receipt, "patched_at" their unix times (when applied).
+- issued_tokens() lists every token the fake issued (tests look for leaks of them).
 
 Seed format (JSON; `load_seed`, `serve(seed_path=...)`):
     {
@@ -150,6 +158,8 @@ class _Token:
     venue_id: int
     expires: float  # monotonic
     revoked: bool = False
+    revoked_status: int = 401
+    revoked_error: str | None = None
 
 
 @dataclass
@@ -345,6 +355,17 @@ class FakeClopos:
         with self._lock:
             self._latency[key] = float(seconds)
 
+    def slow_next(
+        self, brand: str, receipt_id: int, seconds: float, count: int = 1, method: str = "ANY"
+    ) -> None:
+        """Delay the receipt's next `count` calls (of `method`) by `seconds`, once each."""
+        if count < 1 or seconds < 0:
+            raise ValueError("count must be >= 1 and seconds >= 0")
+        with self._lock:
+            self._slow_next[(brand, int(receipt_id))].append(
+                [_check_method(method), int(count), float(seconds)]
+            )
+
     def appear_after(self, brand: str, receipt_id: int, seconds: float) -> None:
         with self._lock:
             self._appear_at[(brand, int(receipt_id))] = time.monotonic() + seconds
@@ -376,11 +397,22 @@ class FakeClopos:
             else:
                 self._auth_rejected_brands.discard(brand)
 
-    def revoke_tokens(self, brand: str) -> None:
+    def revoke_tokens(self, brand: str, status: int = 401, error: str | None = None) -> None:
+        """Revoke the brand's tokens issued so far; calls with them answer `status`
+        (401 invalid_token, 403 forbidden, else {"success": false, "error": error})"""
+        if not 100 <= int(status) <= 599:
+            raise ValueError("status must be an HTTP status")
         with self._lock:
             for token in self._tokens.values():
                 if token.brand == brand:
                     token.revoked = True
+                    token.revoked_status = int(status)
+                    token.revoked_error = error
+
+    def issued_tokens(self, brand: str | None = None) -> list[str]:
+        """Every token issued (and not yet forgotten), oldest first; of one brand if given."""
+        with self._lock:
+            return [t for t, info in self._tokens.items() if brand in (None, info.brand)]
 
     def set_external_usage(self, brand: str, used: int) -> None:
         with self._lock:
@@ -396,6 +428,7 @@ class FakeClopos:
         self._latency: dict[tuple[str | None, int | None, str], float] = {
             (None, None, "ANY"): self._base_latency
         }
+        self._slow_next: dict[tuple[str, int], list[list[Any]]] = defaultdict(list)
         self._appear_at: dict[tuple[str, int], float] = {}
         self._close_at: dict[tuple[str, int], tuple[float, float]] = {}
         self._brand_faults: dict[str, _BrandFault] = {}
@@ -437,7 +470,14 @@ class FakeClopos:
     def _receipt_entry(self, brand: str, receipt_id: int) -> dict[str, Any]:
         return self._receipt_stats.setdefault(
             (brand, receipt_id),
-            {"get": 0, "patch": 0, "patch_bodies": [], "max_concurrent_patches": 0},
+            {
+                "get": 0,
+                "patch": 0,
+                "patch_bodies": [],
+                "max_concurrent_patches": 0,
+                "patch_ok": 0,
+                "patched_at": [],
+            },
         )
 
     # --- running -----------------------------------------------------------------------
@@ -602,6 +642,8 @@ class FakeClopos:
             known = self._tokens.get(token) if token else None
             brand = known.brand if known else None
             delay = self._latency_for(brand, receipt_id, method)
+            if brand is not None and receipt_id is not None:
+                delay = max(delay, self._take_slow(brand, receipt_id, method))
             tracked = None
             if method == "PATCH" and brand is not None and receipt_id is not None:
                 tracked = (brand, receipt_id)
@@ -688,7 +730,11 @@ class FakeClopos:
         if update is None:
             return _Reply(200, _envelope(copy.deepcopy(receipt), "Receipt retrieved successfully"))
         receipt.update(update)
-        receipt["updated_at"] = _format_time(time.time())
+        applied = time.time()
+        receipt["updated_at"] = _format_time(applied)
+        entry = self._receipt_entry(token.brand, receipt["id"])
+        entry["patch_ok"] += 1
+        entry["patched_at"].append(applied)
         return _Reply(200, _envelope(copy.deepcopy(receipt), "Operation completed successfully"))
 
     def _visible(
@@ -748,6 +794,16 @@ class FakeClopos:
                     queue.remove(fault)  # type: ignore[union-attr]
                 return _fault_reply(fault.status, copy.deepcopy(fault.body))
         return None
+
+    def _take_slow(self, brand: str, receipt_id: int, method: str) -> float:
+        queue = self._slow_next.get((brand, receipt_id))
+        for slow in queue or []:
+            if slow[0] in ("ANY", method):
+                slow[1] -= 1
+                if slow[1] <= 0:
+                    queue.remove(slow)  # type: ignore[union-attr]
+                return float(slow[2])
+        return 0.0
 
     def _latency_for(self, brand: str | None, receipt_id: int | None, method: str) -> float:
         candidates = [(None, None, method), (None, None, "ANY")]
@@ -858,6 +914,7 @@ class FakeClopos:
             "fail_next": self.fail_next,
             "success_false": self.success_false,
             "latency": self.set_latency,
+            "slow_next": self.slow_next,
             "appear_after": self.appear_after,
             "close_after": self.close_after,
             "fail_brand": self.fail_brand,
@@ -1022,7 +1079,12 @@ def _token_problem(token: _Token | None, raw: str | None, now: float) -> _Reply 
         message = "Invalid token" if raw else "Missing x-token header"
         return _Reply(401, _error("invalid_token", message))
     if token.revoked:
-        return _Reply(401, _error("invalid_token", "Token has been revoked"))
+        if token.revoked_status == 401:
+            return _Reply(401, _error("invalid_token", "Token has been revoked"))
+        if token.revoked_status == 403:
+            return _Reply(403, _error(token.revoked_error or "forbidden", "Token has been revoked"))
+        error = token.revoked_error or "token_expired"
+        return _Reply(token.revoked_status, _error(error, "Token has been revoked"))
     if now >= token.expires:
         return _Reply(401, _error("token_expired", "Token has expired"))
     return None

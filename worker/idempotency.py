@@ -1,8 +1,11 @@
 """The two guards that make many deliveries of one result have the effect of one.
 
 receipt lock   SET NX with a TTL (LOCK_SECONDS): only its holder calls the API for the
-               receipt, so two PATCHes of one receipt never run at once. Extended right
-               before a PATCH, which is refused if the lock was lost meanwhile.
+               receipt, so two PATCHes of one receipt never run at once. Its token is a
+               fence: right before every request the run checks that it still holds the
+               lock and extends it, atomically with its result's lease
+               (ResultStore.fence); a run whose lock lapsed takes it again and reads the
+               receipt again before it writes, or steps aside.
 fiscalised     the fiscal_id a receipt was fiscalised with, kept marker_ttl (30 days):
 marker         a duplicate costs no API call while it lives; after it expires the GET
                check still prevents a second PATCH.

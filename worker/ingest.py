@@ -3,11 +3,32 @@
 A consumer group on the ingest stream (contract §3). For each entry:
   valid    record the result (worker/store.py), publish its task, then XACK + XDEL
   invalid  dead-letter `invalid_message` with the raw payload, XACK + XDEL, in one transaction
-Nothing is acknowledged before it is safe in Redis, so a consumer that dies in between leaves
-the entry pending; `reclaim()` (XAUTOCLAIM) hands entries idle longer than `claim_idle` to a
-live consumer. An entry delivered MAX_DELIVERIES times without being settled is dead-lettered,
-so one poisonous entry cannot loop forever. Acknowledged entries are deleted (XDEL): the
-stream holds only what is not settled yet.
+Nothing is acknowledged before it is safe in Redis (recorded, or dead-lettered). Entries are
+settled one by one as far as failures go: an entry whose write Redis refuses (an error reply,
+e.g. `OOM command not allowed` at maxmemory under noeviction) stays pending while the others
+of its batch are settled; if Redis cannot be reached at all the call raises and the rest stay
+pending too. `reclaim()` (XAUTOCLAIM) hands entries idle longer than `claim_idle` to a live
+consumer, which tries them again. Once a result is recorded, failing to publish its task (or
+to write its audit record) is no reason to keep the entry: the result is due in the schedule
+and the dispatcher publishes it, so the entry is acknowledged.
+
+Poison: an entry is dead-lettered (`invalid_message`, raw payload kept) only when settling it
+raised something other than a Redis error — a bug of ours on that input — and it has been
+delivered more than MAX_DELIVERIES times, so it cannot loop forever. An entry that failed on
+Redis errors stays pending however often it was delivered: an outage never turns a valid
+result into a dead letter. Acknowledged entries are deleted (XDEL): the stream holds only what
+is not settled yet.
+
+One read brings about `read_bytes` (INGEST_READ_BYTES) of entries into the process at most: a
+script reads entries one at a time (XREADGROUP ... >, or XAUTOCLAIM for `reclaim()`) while
+their total size fits and returns only the id of the first one that does not (it is pending
+for this consumer now); that one is then fetched alone (XRANGE id id), so an entry larger
+than the bound is read by itself. When nothing is waiting, `poll()` blocks in XREADGROUP
+COUNT 1 BLOCK block_ms. Entries over MAX_ENTRY_BYTES are not parsed: they are dead-lettered,
+their payload truncated by the dead-letter store.
+
+Consumers are named `host:pid`; `prune_consumers()` deletes the group's members that died
+(idle for long, nothing pending).
 
 The stream is read as bytes: an adapter may write anything, including invalid UTF-8.
 """
@@ -31,8 +52,73 @@ from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-READ_BATCH = 100
-MAX_DELIVERIES = 5  # an entry read this often and never settled is dead-lettered
+READ_BATCH = 100  # entries one read takes at most
+INGEST_READ_BYTES = 8 * 1024 * 1024  # about what one read brings in (a larger entry: alone)
+MAX_DELIVERIES = 5  # an entry our own code failed on, delivered more often, is dead-lettered
+
+# Redis could not be reached (or did not answer): trying the next entry would only wait again.
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+# Reads entries one at a time while their total size fits in a byte budget.
+# KEYS: stream. ARGV: group, consumer, max entries, byte budget, mode ('new' | 'claim'),
+#       min idle ms (claim), cursor (claim).
+# 'new' reads with XREADGROUP ... >; 'claim' takes over idle pending entries with XAUTOCLAIM
+# from `cursor`, one scan step (COUNT 1, up to 10 PEL entries) per round. The first entry that
+# does not fit is read too (it is pending for this consumer now) but only its id is returned.
+# Neither command is refused at maxmemory, so this runs when Redis refuses writes.
+# Returns {next cursor, id of the entry that did not fit or '', id, {field, value...}, ...}.
+_READ = """
+local budget = tonumber(ARGV[4])
+local cursor = ARGV[7]
+local out = {'0-0', ''}
+for _ = 1, tonumber(ARGV[3]) do
+  local items
+  if ARGV[5] == 'new' then
+    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
+                             'STREAMS', KEYS[1], '>')
+    if not reply or #reply == 0 then break end
+    -- {{stream, entries}} from Redis; fakeredis hands a script {stream, entries}
+    if type(reply[1]) == 'table' then items = reply[1][2] else items = reply[2] end
+  else
+    local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[6], cursor,
+                             'COUNT', 1)
+    cursor = reply[1]
+    items = reply[2]
+  end
+  local entry = items and items[1]
+  if entry and type(entry[2]) == 'table' then  -- (Redis 6.2 claims a deleted entry as {id})
+    local size = 0
+    for i = 1, #entry[2] do size = size + #entry[2][i] end
+    if size > budget then
+      out[2] = entry[1]
+      break
+    end
+    budget = budget - size
+    table.insert(out, entry[1])
+    table.insert(out, entry[2])
+  end
+  if ARGV[5] == 'claim' and cursor == '0-0' then break end
+end
+if ARGV[5] == 'claim' then out[1] = cursor end
+return out
+"""
+
+# Deletes the group's consumers (but ARGV[2]) with nothing pending, idle longer than ARGV[3]
+# ms; checked and deleted in one step, so none can take an entry in between and lose it.
+# KEYS: stream. ARGV: group, this consumer, idle ms. Returns the deleted names.
+_PRUNE = """
+local pruned = {}
+for _, row in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #row, 2 do info[row[i]] = row[i + 1] end
+  if info['name'] ~= ARGV[2] and tonumber(info['pending']) == 0
+      and tonumber(info['idle']) > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(pruned, info['name'])
+  end
+end
+return pruned
+"""
 
 
 @dataclass(frozen=True)
@@ -43,6 +129,34 @@ class Entry:
     @property
     def data(self) -> bytes | None:
         return self.fields.get(b"data")
+
+    @property
+    def size(self) -> int:
+        """Bytes of its field names and values, as the read bound counts them."""
+        return sum(len(name) + len(value) for name, value in self.fields.items())
+
+
+@dataclass
+class Settled:
+    """What one `settle()` did with its entries."""
+
+    accepted: int = 0  # valid: recorded (now or earlier) and acknowledged
+    dead_lettered: int = 0  # invalid or poison: dead-lettered and acknowledged
+    poisoned: int = 0  # of those, entries our own code failed on too often
+    kept: int = 0  # left pending, to be tried again
+    error: str | None = None  # the first error that kept one
+
+    def keep(self, count: int, exc: BaseException) -> None:
+        self.kept += count
+        self.error = self.error or _describe(exc)
+
+    def __iadd__(self, other: Settled) -> Settled:
+        self.accepted += other.accepted
+        self.dead_lettered += other.dead_lettered
+        self.poisoned += other.poisoned
+        self.kept += other.kept
+        self.error = self.error or other.error
+        return self
 
 
 class IngestConsumer:
@@ -59,6 +173,7 @@ class IngestConsumer:
         queue_has_room: Callable[[], bool],
         claim_idle_seconds: float = 30.0,
         block_ms: int = 500,
+        read_bytes: int = INGEST_READ_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = raw_redis  # decode_responses=False
@@ -72,7 +187,11 @@ class IngestConsumer:
         self.queue_has_room = queue_has_room
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.block_ms = block_ms
+        self.read_bytes = read_bytes
         self.clock = clock
+        self._read_script = raw_redis.register_script(_READ)
+        self._prune_script = raw_redis.register_script(_PRUNE)
+        self._claim_cursor = "0-0"  # where the next reclaim() goes on scanning the PEL
 
     def ensure_group(self) -> None:
         try:
@@ -81,64 +200,245 @@ class IngestConsumer:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    # --- reading ------------------------------------------------------------------------------
     def poll(self) -> int:
-        """Read and settle new entries (blocking up to block_ms); returns how many."""
+        """Read and settle new entries (blocking up to block_ms if none); returns how many."""
         try:
-            reply = self.redis.xreadgroup(
-                self.group, self.consumer, {self.stream: ">"}, count=READ_BATCH, block=self.block_ms
-            )
+            entries, overflow = self._read_new()
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             self.ensure_group()  # the stream was deleted under us
             return 0
+        read = len(entries)
+        self.settle(entries)
+        del entries  # one read's bytes at a time: let the batch go before the next entry
+        if overflow is not None:
+            read += self._settle_alone(overflow)[0]
+        return read
+
+    def reclaim(self) -> int:
+        """Take over entries a consumer read and did not settle, idle longer than claim_idle,
+        and settle them; returns how many."""
+        try:
+            entries, overflow, self._claim_cursor = self._read(
+                "claim", READ_BATCH, self.read_bytes, self._claim_cursor
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._claim_cursor = "0-0"
+            self.ensure_group()
+            return 0
+        if not entries and overflow is None:
+            return 0
+        read = len(entries)
+        outcome = self.settle(entries)
+        del entries
+        if overflow is not None:
+            more, alone = self._settle_alone(overflow)
+            read += more
+            outcome += alone
+        log.info(
+            kv(
+                "ingest_reclaimed",
+                count=read,
+                settled=outcome.accepted + outcome.dead_lettered,
+                poisoned=outcome.poisoned,
+                kept=outcome.kept,
+            )
+        )
+        return read
+
+    def prune_consumers(self, idle_seconds: float = 3600) -> int:
+        """Delete the group's consumers other than this one that have no pending entries and
+        have been idle (no attempted read or claim) longer than `idle_seconds`: members of
+        pods that died. One with pending entries stays until reclaim() has taken them over.
+        Returns how many were deleted."""
+        try:
+            pruned = self._prune_script(
+                keys=[self.stream], args=[self.group, self.consumer, int(idle_seconds * 1000)]
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc).lower():
+                raise
+            return 0  # no stream or no group yet: no consumers either
+        names = [_name(name) for name in pruned or []]
+        log.log(
+            logging.INFO if names else logging.DEBUG,
+            kv("ingest_consumers_pruned", count=len(names), consumers=",".join(names)[:500]),
+        )
+        return len(names)
+
+    def _read_new(self) -> tuple[list[Entry], str | None]:
+        entries, overflow, _ = self._read("new", READ_BATCH, self.read_bytes)
+        if entries or overflow is not None:
+            return entries, overflow
+        # Nothing waiting: block until an entry arrives, then take what came with it.
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=1, block=self.block_ms
+        )
         entries = [
             Entry(_text(eid), dict(fields)) for _, items in reply or [] for eid, fields in items
         ]
-        self.settle(entries)
-        return len(entries)
+        room = self.read_bytes - sum(entry.size for entry in entries)
+        if entries and room > 0:
+            more, overflow, _ = self._read("new", READ_BATCH - 1, room)
+            entries.extend(more)
+        return entries, overflow
 
-    def reclaim(self) -> int:
-        """Take over entries another consumer read and never settled."""
-        _, claimed, *_ = self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=READ_BATCH
+    def _read(
+        self, mode: str, count: int, budget: int, cursor: str = "0-0"
+    ) -> tuple[list[Entry], str | None, str]:
+        """(entries that fit in `budget` bytes, id of one more read but not fetched, cursor)."""
+        reply = self._read_script(
+            keys=[self.stream],
+            args=[self.group, self.consumer, count, budget, mode, self.claim_idle_ms, cursor],
         )
-        entries = [Entry(_text(eid), dict(fields)) for eid, fields in claimed if fields]
-        if not entries:
-            return 0
-        counts = self._delivery_counts([e.entry_id for e in entries])
-        poisoned = [e for e in entries if counts.get(e.entry_id, 0) > MAX_DELIVERIES]
-        for entry in poisoned:
-            self._dead_letter(
-                entry, f"entry could not be settled after {MAX_DELIVERIES} deliveries"
-            )
-        self.settle([e for e in entries if e not in poisoned])
-        log.info(kv("ingest_reclaimed", count=len(entries), poisoned=len(poisoned)))
-        return len(entries)
+        entries = [Entry(_text(reply[i]), _pairs(reply[i + 1])) for i in range(2, len(reply), 2)]
+        return entries, _text(reply[1]) or None, _text(reply[0])
 
-    def settle(self, entries: list[Entry]) -> None:
-        """Record the valid entries, publish those whose brand has a slot now, dead-letter
-        the invalid ones; acknowledge each only after that."""
+    def _settle_alone(self, entry_id: str) -> tuple[int, Settled]:
+        """Fetch one entry read earlier (pending for this consumer) and settle it by itself."""
+        rows = self.redis.xrange(self.stream, min=entry_id, max=entry_id, count=1)
+        if not rows:
+            return 0, Settled()  # deleted meanwhile; XAUTOCLAIM drops it from the PEL
+        (eid, fields), *_ = rows
+        return 1, self.settle([Entry(_text(eid), dict(fields))])
+
+    # --- settling -----------------------------------------------------------------------------
+    def settle(self, entries: list[Entry]) -> Settled:
+        """Record the valid entries, publish those whose brand has a slot now, dead-letter the
+        invalid ones; acknowledge each only after that. Each entry that can be settled is:
+        one whose write Redis refuses stays pending and the others go on. Raises (leaving the
+        rest pending) only when Redis cannot be reached."""
+        outcome = Settled()
         accepted: list[tuple[Entry, FiscalResult]] = []
         for entry in entries:
             try:
                 accepted.append((entry, self._parse(entry)))
             except InvalidMessage as exc:
-                self._dead_letter(entry, str(exc))
-        if not accepted:
-            return
+                self._settle_invalid(entry, str(exc), outcome)
+            except Exception as exc:
+                self._failed(entry, exc, outcome)
         now = self.clock()
-        created = [entry.entry_id for entry, result in accepted if self._record(entry, result, now)]
-        if created and self.queue_has_room():
+        recorded: list[Entry] = []
+        created: list[str] = []
+        for entry, result in accepted:
+            try:
+                is_new = self._record(entry, result, now)
+            except Exception as exc:
+                self._failed(entry, exc, outcome)
+                continue
+            recorded.append(entry)
+            if is_new:
+                created.append(entry.entry_id)
+        if created:
+            self._admit(created, now)
+        if recorded:
+            self._ack_recorded(recorded, outcome)
+        if outcome.kept:
+            log.warning(
+                kv("ingest_entries_kept", count=outcome.kept, of=len(entries), error=outcome.error)
+            )
+        return outcome
+
+    def _admit(self, created: list[str], now: float) -> None:
+        """Publish the just-recorded results whose brand has a slot now. Best effort: what is
+        not published is due in the schedule, and the dispatcher takes it from there."""
+        try:
+            if not self.queue_has_room():
+                return
             admission = self.store.admit(created, now)
-            for item in admission.publish:
+        except Exception as exc:
+            log.warning(kv("ingest_admit_failed", count=len(created), error=_describe(exc)))
+            return
+        for item in admission.publish:
+            try:
                 self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
-        # Anything not published now is due in the schedule: the dispatcher takes it from there.
+            except Exception as exc:  # its queue lease lapses; the dispatcher publishes it
+                log.warning(kv("ingest_publish_failed", rid=item.rid, error=_describe(exc)))
+
+    def _ack_recorded(self, recorded: list[Entry], outcome: Settled) -> None:
         pipe = self.store.redis.pipeline(transaction=True)
-        for entry, _ in accepted:
+        for entry in recorded:
             self._ack(entry.entry_id, pipe)
-        pipe.hincrby(keys.COUNTERS, "received", len(accepted))
-        pipe.execute()
+        pipe.hincrby(keys.COUNTERS, "received", len(recorded))
+        try:
+            pipe.execute()
+        except _UNREACHABLE:
+            raise
+        except redis.RedisError as exc:
+            # At maxmemory Redis refuses a whole MULTI, though XACK and XDEL alone pass (and
+            # XDEL frees memory): acknowledge these recorded results without the counter.
+            if not self._ack_plain(recorded):
+                outcome.keep(len(recorded), exc)
+                log.debug(kv("ingest_ack_failed", count=len(recorded), error=_describe(exc)))
+                return
+        outcome.accepted += len(recorded)
+
+    def _ack_plain(self, recorded: list[Entry]) -> bool:
+        pipe = self.store.redis.pipeline(transaction=False)
+        for entry in recorded:
+            # XDEL first: cut off between the two, a pending entry without content is
+            # dropped from the PEL by XAUTOCLAIM, where an acked one would stay in the stream.
+            pipe.xdel(self.stream, entry.entry_id)
+            pipe.xack(self.stream, self.group, entry.entry_id)
+        try:
+            pipe.execute()
+        except _UNREACHABLE:
+            raise
+        except redis.RedisError:
+            return False
+        return True
+
+    def _failed(self, entry: Entry, exc: Exception, outcome: Settled) -> None:
+        """Settling `entry` raised: keep it pending, or dead-letter it as poison."""
+        if isinstance(exc, _UNREACHABLE):
+            raise exc
+        if isinstance(exc, redis.RedisError):  # Redis refused: try again later, however often
+            outcome.keep(1, exc)
+            log.debug(kv("ingest_entry_kept", rid=entry.entry_id, error=_describe(exc)))
+            return
+        try:
+            deliveries = self._deliveries(entry.entry_id)
+        except _UNREACHABLE:
+            raise
+        except redis.RedisError:
+            deliveries = 0
+        if deliveries <= MAX_DELIVERIES:
+            outcome.keep(1, exc)
+            log.warning(
+                kv(
+                    "ingest_entry_failed",
+                    rid=entry.entry_id,
+                    deliveries=deliveries,
+                    error=_describe(exc),
+                ),
+                exc_info=exc,
+            )
+            return
+        error = f"entry could not be settled after {deliveries} deliveries: {_describe(exc)}"
+        if self._settle_invalid(entry, error, outcome, event="result_poisoned"):
+            outcome.poisoned += 1
+
+    def _settle_invalid(
+        self, entry: Entry, error: str, outcome: Settled, event: str = "result_invalid"
+    ) -> bool:
+        try:
+            self._dead_letter(entry, error, event)
+        except _UNREACHABLE:
+            raise
+        except redis.RedisError as exc:
+            outcome.keep(1, exc)
+            log.debug(kv("ingest_entry_kept", rid=entry.entry_id, error=_describe(exc)))
+            return False
+        except Exception as exc:
+            outcome.keep(1, exc)
+            log.exception(kv("ingest_dead_letter_failed", rid=entry.entry_id))
+            return False
+        outcome.dead_lettered += 1
+        return True
 
     # --- one entry ----------------------------------------------------------------------------
     def _parse(self, entry: Entry) -> FiscalResult:
@@ -161,16 +461,19 @@ class IngestConsumer:
             now=now,
         )
         if created:
-            self.audit.record_received(
-                result.brand,
-                result.receipt_id,
-                fiscal_id=result.fiscal_id,
-                device_id=result.device_id,
-                result_id=result.result_id or entry.entry_id,
-                venue_id=result.venue_id,
-                printed_at=result.printed_at,
-                extras=result.extras() or None,
-            )
+            try:
+                self.audit.record_received(
+                    result.brand,
+                    result.receipt_id,
+                    fiscal_id=result.fiscal_id,
+                    device_id=result.device_id,
+                    result_id=result.result_id or entry.entry_id,
+                    venue_id=result.venue_id,
+                    printed_at=result.printed_at,
+                    extras=result.extras() or None,
+                )
+            except Exception as exc:  # the result is recorded: keeping the entry would not help
+                log.warning(kv("audit_record_failed", rid=entry.entry_id, error=_describe(exc)))
         log.info(
             kv(
                 "result_received",
@@ -184,7 +487,7 @@ class IngestConsumer:
         )
         return created
 
-    def _dead_letter(self, entry: Entry, error: str) -> None:
+    def _dead_letter(self, entry: Entry, error: str, event: str = "result_invalid") -> None:
         payload = entry.data if entry.data is not None else _describe_fields(entry.fields)
         pipe = self.store.redis.pipeline(transaction=True)
         dlq_id = self.dlq.add(
@@ -197,21 +500,35 @@ class IngestConsumer:
         pipe.hincrby(keys.COUNTERS, "dead_lettered:invalid_message", 1)
         self._ack(entry.entry_id, pipe)  # dead-lettered and acknowledged together, or neither
         pipe.execute()
-        log.warning(kv("result_invalid", rid=entry.entry_id, dlq_id=dlq_id, error=error[:200]))
+        log.warning(kv(event, rid=entry.entry_id, dlq_id=dlq_id, error=error[:200]))
 
     def _ack(self, entry_id: str, pipe: redis.client.Pipeline) -> None:
         pipe.xack(self.stream, self.group, entry_id)
         pipe.xdel(self.stream, entry_id)
 
-    def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
+    def _deliveries(self, entry_id: str) -> int:
         rows = self.redis.xpending_range(
-            self.stream, self.group, min=ids[0], max=ids[-1], count=len(ids) * 2 + 10
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
         )
-        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return int(rows[0]["times_delivered"]) if rows else 0
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _name(value: bytes | str) -> str:
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _describe(exc: BaseException) -> str:
+    """`Class: message` on one line, short enough for a log line or a dead letter."""
+    text = " ".join(f"{exc.__class__.__name__}: {exc}".split())
+    return text[:300]
 
 
 def _describe_fields(fields: dict[bytes, bytes]) -> bytes:

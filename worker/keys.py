@@ -7,6 +7,9 @@ key says what bounds it. The ingest stream's name is a setting (contract §2) an
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 PREFIX = "fw"
 
 # list: the Celery queue (kombu's Redis transport); kept short by FISCAL_MAX_QUEUED.
@@ -101,16 +104,36 @@ def audit_attempts(brand: str, receipt_id: int) -> str:
     return f"{PREFIX}:audit:{brand}:{receipt_id}:attempts"
 
 
-# Dead-letter store: bounded by dlq_max_entries (oldest trimmed first).
+# Dead-letter store: never trimmed (entries leave only by replay or purge); bounded by the
+# results dead-lettered, at most one entry per result id. Past dlq_warn_entries or
+# dlq_warn_bytes it warns (log, `dlq stats`, metrics) and keeps everything.
 DLQ_SEQ = f"{PREFIX}:dlq:seq"  # string counter: ids are dl-<seq>
 DLQ_INDEX = f"{PREFIX}:dlq:index"  # zset id -> seq (newest = highest)
 DLQ_COUNTS = f"{PREFIX}:dlq:counts"  # hash reason:<r> / brand:<b> -> count
-DLQ_TRIMMED = f"{PREFIX}:dlq:trimmed"  # string counter: entries dropped by the bound
+# string counter: total bytes of the stored entry JSON strings (sum of their STRLEN);
+# changed with every add and removal in the same script, never negative (deleted at 0).
+DLQ_BYTES = f"{PREFIX}:dlq:bytes"
+
+_RESULT_ID_IN_KEY = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
 
 
 def dlq_entry(entry_id: str) -> str:
-    """string: one dead-letter entry as JSON; lives until replayed, purged or trimmed."""
+    """string: one dead-letter entry as JSON; lives until replayed or purged."""
     return f"{PREFIX}:dlq:entry:{entry_id}"
+
+
+def dlq_by_result(result_id: str) -> str:
+    """string: the id of the entry dead-lettered for this result id; deleted with it.
+
+    A result id is untrusted: unless it is 1-128 chars of `0-9A-Za-z_.:-` (stream ids
+    are), the key holds `sha256:<hex>` of it instead. An id that itself starts with
+    `sha256:` is hashed too, so no id can take another's key.
+    """
+    if _RESULT_ID_IN_KEY.fullmatch(result_id) and not result_id.startswith("sha256:"):
+        name = result_id
+    else:
+        name = "sha256:" + hashlib.sha256(result_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{PREFIX}:dlq:result:{name}"
 
 
 def dlq_by_reason(reason: str) -> str:

@@ -8,6 +8,8 @@ The state is shared by every worker process, so one exporter serves the whole de
     fiscal_ingest_stream_length / _pending     stream entries not settled / read, not settled
     fiscal_events_total{event}                 received, fiscalised, duplicate, patches, ...
     fiscal_dead_letters{reason}                entries in the dead-letter store
+    fiscal_dead_letters_bytes                  size of its entries (JSON bytes)
+    fiscal_dead_letters_over_bound             1 at or past FISCAL_DLQ_WARN_ENTRIES / _BYTES
     fiscal_brand_circuit_open{brand}           1 while the brand's circuit is open
     fiscal_brand_backlog_seconds{brand}        how far ahead its budget is reserved
     fiscal_brand_paused{brand}                 1 while paused after a 429
@@ -51,10 +53,21 @@ class RedisStateCollector(Collector):
         for event, count in sorted(state["counters"].items()):
             events.add_metric([event], count)
         yield events
+        dead_letters = state["dead_letters"]
         dead = GaugeMetricFamily("fiscal_dead_letters", "Dead-letter entries", labels=["reason"])
-        for reason, count in sorted(state["dead_letters"].get("by_reason", {}).items()):
+        for reason, count in sorted(dead_letters.get("by_reason", {}).items()):
             dead.add_metric([reason], count)
         yield dead
+        yield GaugeMetricFamily(
+            "fiscal_dead_letters_bytes",
+            "Size of the dead-letter entries (JSON bytes)",
+            value=dead_letters.get("bytes", 0),
+        )
+        yield GaugeMetricFamily(
+            "fiscal_dead_letters_over_bound",
+            "1 while the dead-letter store is at or past its warning bound",
+            value=float(bool(dead_letters.get("over_bound", False))),
+        )
         per_brand = {
             "circuit_open": GaugeMetricFamily(
                 "fiscal_brand_circuit_open", "1 while the circuit is open", labels=["brand"]

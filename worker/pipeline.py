@@ -1,11 +1,18 @@
 """One run of one result: from its stored record to fiscalised, parked or dead-lettered.
 
 Follow a result top to bottom in `Fiscaliser.run`:
-  begin (only the current dispatch runs) -> credentials -> fiscalised marker -> receipt lock
-  -> GET -> decide() -> PATCH -> finish; every failure class has one handler below.
-Before every HTTP request `_gate` asks, in order: the brand's circuit breaker, the failed-
-call guard (for results that failed before), a 429 pause, and the brand's rate budget (the
-slot reserved at admission, or a new one); it sleeps a short wait, or defers the result.
+  begin (only the current dispatch runs) -> deadline -> credentials -> fiscalised marker
+  -> receipt lock -> GET -> decide() -> PATCH -> finish; every failure class has one handler.
+Around every HTTP request the client calls the run's gate (`_RunGate`):
+  before the call  the brand's circuit breaker, the failed-call guard (for results that
+                   failed before), a 429 pause and the brand's rate budget (the slot
+                   reserved at admission, or one taken ahead of the queue for a result
+                   already under way); it sleeps a short wait, or defers the result
+  before the send  a fence: this run must still be the result's dispatch and hold the
+                   receipt lock, and both are extended, in one atomic step. A run whose
+                   lock lapsed takes it again and reads the receipt again before it writes.
+Every write of a run (park, finish, dead-letter) is fenced on its dispatch number
+(`ResultStore.fenced`): a run that lost its result writes nothing (Superseded).
 The Celery task (tasks/fiscalise.py) is a thin shell that maps the Outcome to a task state.
 """
 
@@ -16,7 +23,6 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import redis
 
@@ -37,30 +43,48 @@ from worker.errors import (
     TransientError,
 )
 from worker.idempotency import FiscalisedMarkers, ReceiptLock
+from worker.ingest_format import to_rfc3339
 from worker.logs import kv
 from worker.ratelimit import BrandBudget
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
-from worker.store import ResultRecord, ResultStore
+from worker.store import Begin, ResultRecord, ResultStore, Superseded
 
 log = logging.getLogger(__name__)
 
 BUSY_RECEIPT_WAIT_SECONDS = 1.0  # another worker holds the receipt: look again shortly
 GUARD_SPREAD_SECONDS = 20.0  # results held by the failed-call guard resume spread this wide
+LOCK_REGAINS = 2  # a run whose receipt lock lapsed takes it again (and re-reads) this often
 
 
-class Superseded(Exception):
-    """This run's lease lapsed and a newer dispatch took the result: touch nothing."""
+class LockLost(Exception):
+    """The receipt lock lapsed before a send: nothing was sent."""
 
 
 @dataclass
 class _Run:
-    """One execution of one result: which call of it comes next, and if it is a probe."""
+    """One execution of one result: its receipt lock, which call comes next, if it is a
+    probe, and when its last request was counted in the brand's window."""
 
     record: ResultRecord
+    lock: ReceiptLock
     calls: int = 0
     probe: bool = False
-    sent: float = 0.0  # when the last request was counted in the brand's window
+    sent: float = 0.0
+
+
+class _RunGate:
+    """The client's CallGate for one run (worker/clopos.py calls it around each request)."""
+
+    def __init__(self, fiscaliser: Fiscaliser, run: _Run) -> None:
+        self.fiscaliser = fiscaliser
+        self.run = run
+
+    def before_call(self) -> None:
+        self.fiscaliser._gate(self.run)
+
+    def before_send(self) -> None:
+        self.fiscaliser._fence(self.run)
 
 
 @dataclass(frozen=True)
@@ -70,10 +94,6 @@ class Outcome:
     reason: str | None = None  # dead-letter reason
     dlq_id: str | None = None
     due: float | None = None  # parked until
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Fiscaliser:
@@ -93,6 +113,7 @@ class Fiscaliser:
         guard: FailedCallGuard,
         lock_seconds: float,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.lock_seconds = lock_seconds
         self.redis = redis_client
@@ -107,13 +128,26 @@ class Fiscaliser:
         self.breaker = breaker
         self.guard = guard
         self.clock = clock
+        self.sleep = sleep
 
     # --- the path of one result -------------------------------------------------------------
     def run(self, rid: str, dispatch: int) -> Outcome:
         begun = self.store.begin(rid, dispatch, self.clock())
-        if isinstance(begun, str):
-            return Outcome(begun, "finished already" if begun == "gone" else "superseded")
-        record = begun
+        if isinstance(begun, Begin):
+            detail = "finished already" if begun is Begin.GONE else "superseded"
+            return Outcome(begun.value, detail)
+        try:
+            return self._run(begun)
+        except Superseded:
+            # Our lease lapsed and the result was published again: that run owns it now.
+            return Outcome("stale", "lease lapsed; a newer dispatch runs it")
+
+    def _run(self, record: ResultRecord) -> Outcome:
+        if self.clock() >= record.deadline:
+            error = f"deadline reached ({to_rfc3339(record.deadline)}); last error: "
+            return self._dead_letter(
+                record, "retries_exhausted", error + (record.last_error or "-")
+            )
         if record.brand not in self.credentials:
             return self._dead_letter(
                 record, "unknown_brand", f"no credentials for brand {record.brand!r}"
@@ -122,42 +156,62 @@ class Fiscaliser:
         if absorbed is not None:
             return absorbed
         lock = ReceiptLock(
-            self.redis, record.brand, record.receipt_id, f"{rid}:{dispatch}", self.lock_seconds
+            self.redis,
+            record.brand,
+            record.receipt_id,
+            f"{record.rid}:{record.dispatch}",
+            self.lock_seconds,
         )
         if not lock.acquire():
+            record.deferrals += 1
             due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
             return self._park(record, due, "receipt busy in another worker", counted=False)
-        run = _Run(record)
+        run = _Run(record, lock)
         try:
             absorbed = self._check_marker(record)  # the holder before us may have finished it
             if absorbed is not None:
                 return absorbed
-            return self._apply(run, lock)
+            return self._apply(run)
         except Deferred as deferred:
             return self._deferred(record, deferred)
-        except Superseded:
-            # Our lease lapsed and the result was published again: that run owns it now.
-            return Outcome("stale", "lease lapsed; a newer dispatch runs it")
         except CloposError as exc:
             if run.calls == 0:
                 record.attempts += 1  # failed before its first request (auth): still a try
             self._after_call(run, exc.rate, exc)
             return self._failed(record, exc)
-        except redis.RedisError:
+        except (redis.RedisError, Superseded):
             raise  # infrastructure: the task shell leaves the result to its lease
         except Exception as exc:
             # A bug, not the API: keep the result and retry it like a transient failure, so
             # it is never lost and never spins; the window ends it as retries_exhausted.
-            log.exception(kv("result_internal_error", rid=rid, brand=record.brand))
+            log.exception(kv("result_internal_error", rid=record.rid, brand=record.brand))
             return self._failed(record, TransientError(f"internal error: {exc!r}"[:300]))
         finally:
             lock.release()
 
-    def _apply(self, run: _Run, lock: ReceiptLock) -> Outcome:
+    def _apply(self, run: _Run) -> Outcome:
+        """GET, decide, PATCH; from the GET again whenever the receipt lock lapsed."""
+        for _ in range(LOCK_REGAINS + 1):
+            try:
+                return self._get_and_patch(run)
+            except LockLost:
+                if not run.lock.acquire():
+                    due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
+                    record = run.record
+                    return self._park(record, due, "receipt lock lost to another", counted=False)
+                log.warning(
+                    kv(
+                        "receipt_lock_regained",
+                        rid=run.record.rid,
+                        receipt_id=run.record.receipt_id,
+                    )
+                )
+        raise TransientError("the receipt lock kept lapsing before our requests")
+
+    def _get_and_patch(self, run: _Run) -> Outcome:
         record = run.record
-        got = self.client.get_receipt(
-            record.brand, record.receipt_id, record.venue_id, gate=lambda: self._gate(run)
-        )
+        gate = _RunGate(self, run)
+        got = self.client.get_receipt(record.brand, record.receipt_id, record.venue_id, gate=gate)
         self._after_call(run, got.rate, None)
         receipt = got.data.get("data")
         if not isinstance(receipt, dict):
@@ -170,18 +224,8 @@ class Fiscaliser:
             return self._not_ready(record, NotReadyError(decision.detail, http_status=got.status))
         if decision.action is Action.DONE:
             return self._finish(record, "already_done", decision.detail)
-        if not self.store.renew(record, self.clock()):
-            raise Superseded
-        if not lock.extend():
-            # The receipt lock expired under us: let whoever holds it now decide.
-            due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
-            return self._park(record, due, "lock lost", counted=False)
         patched = self.client.patch_receipt(
-            record.brand,
-            record.receipt_id,
-            decision.fields,
-            record.venue_id,
-            gate=lambda: self._gate(run),
+            record.brand, record.receipt_id, decision.fields, record.venue_id, gate=gate
         )
         self._after_call(run, patched.rate, None)
         after = patched.data.get("data")
@@ -205,12 +249,26 @@ class Fiscaliser:
         try:
             self._await_budget(run)
         except Deferred:
-            if permit.probe:
-                self.breaker.release_probe(brand)
+            self._drop_probe(run)
             raise
         if run.calls == 0:
             record.attempts += 1
         run.calls += 1
+
+    def _fence(self, run: _Run) -> None:
+        """Right before the send: still our result and our receipt lock (both extended)."""
+        answer = self.store.fence(run.record, run.lock, self.clock())
+        if answer == "ok":
+            return
+        self._drop_probe(run)
+        if answer == "superseded":
+            raise Superseded
+        raise LockLost
+
+    def _drop_probe(self, run: _Run) -> None:
+        if run.probe:
+            self.breaker.release_probe(run.record.brand)  # it did not call after all
+            run.probe = False
 
     def _await_budget(self, run: _Run) -> None:
         record, brand = run.record, run.record.brand
@@ -227,10 +285,9 @@ class Fiscaliser:
         if record.slot is not None and run.calls < record.slots:
             slot = record.slot + run.calls * record.step  # reserved at admission
         else:
-            reservation = self.budget.reserve(brand)
-            if not reservation.ok:
-                raise Deferred(reservation.start - rate.lead, f"no budget slot soon for {brand}")
-            slot = reservation.start
+            # Under way (its PATCH after a not-ready GET, a re-try after a 401, a re-read
+            # after a lost lock): ahead of the brand's queue, never behind its backlog.
+            slot = self.budget.reserve(brand, first=True).start
         wait = slot - self.clock()
         if wait > rate.short_wait + rate.lead:
             raise Deferred(slot - rate.lead, f"budget slot of {brand} is later")
@@ -246,7 +303,7 @@ class Fiscaliser:
         if not self.store.renew(record, self.clock() + max(0.0, seconds)):
             raise Superseded
         if seconds > 0:
-            time.sleep(seconds)
+            self.sleep(seconds)
 
     def _after_call(self, run: _Run, rate: RateLimitInfo, exc: CloposError | None) -> None:
         """What one call tells the brand's budget (the server's view of the window) and its
@@ -286,8 +343,10 @@ class Fiscaliser:
         if isinstance(exc, RateLimitedError):
             self.budget.pause(record.brand, exc.retry_after)  # every process, not just this one
             log.warning(kv("brand_paused", brand=record.brand, seconds=exc.retry_after))
+            record.first = True  # its place in the queue was taken by the pause, not by it
             due = self.clock() + self.policy.rate_limit_wait(exc.retry_after)
             return self._park(record, due, str(exc), exc.http_status, counted=False)
+        record.first = False  # a failure: its next try queues behind the brand's backlog
         if isinstance(exc, PermanentError):
             return self._dead_letter(record, "validation_failed", str(exc), exc.http_status)
         if isinstance(exc, NotReadyError):
@@ -307,9 +366,11 @@ class Fiscaliser:
         return self._park(record, retry.due, str(exc), exc.http_status)
 
     def _deferred(self, record: ResultRecord, deferred: Deferred) -> Outcome:
-        """No call was allowed: wait, uncounted. An open circuit is the brand's transient
-        failure, so the result's transient window runs on while it waits."""
+        """No call was allowed: wait, uncounted, and keep its place ahead of the queue. An
+        open circuit is the brand's transient failure, so its transient window runs on."""
         now = self.clock()
+        record.deferrals += 1
+        record.first = True
         if deferred.circuit_open:
             record.transient_since = record.transient_since or now
             if now >= record.transient_since + self.policy.transient_window:
@@ -326,13 +387,14 @@ class Fiscaliser:
         now = self.clock()
         record.failures += 1
         record.not_ready_since = record.not_ready_since or now
+        record.not_found = exc.http_status == 404 or exc.error_code == "not_found"
         retry = self.policy.not_ready(record.failures, record.not_ready_since, now)
         if retry.due is not None:
             return self._park(record, retry.due, exc.message, exc.http_status)
-        reason = "receipt_not_found" if exc.http_status == 404 else "receipt_not_closed"
+        reason = "receipt_not_found" if record.not_found else "receipt_not_closed"
         return self._dead_letter(record, reason, exc.message, exc.http_status)
 
-    # --- outcomes: each is one transaction -------------------------------------------------
+    # --- outcomes: each is one transaction, fenced on the run's dispatch -------------------
     def _park(
         self,
         record: ResultRecord,
@@ -344,10 +406,10 @@ class Fiscaliser:
     ) -> Outcome:
         if counted:
             record.last_error, record.last_status = error, http_status
-        pipe = self.redis.pipeline(transaction=True)
-        self.store.park(record, due, pipe)
-        pipe.hincrby(keys.COUNTERS, "retries_scheduled", 1)
-        pipe.execute()
+        due = min(due, record.deadline)  # no wait outlives the result's deadline
+        with self.store.fenced(record) as pipe:
+            self.store.park(record, due, pipe)
+            pipe.hincrby(keys.COUNTERS, "retries_scheduled", 1)
         log.info(
             kv(
                 "result_parked",
@@ -363,16 +425,19 @@ class Fiscaliser:
     def _finish(
         self, record: ResultRecord, kind: str, detail: str, patched: bool = False
     ) -> Outcome:
-        pipe = self.redis.pipeline(transaction=True)
-        self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipe)
-        self.audit.set_state(
-            record.brand, record.receipt_id, "fiscalised", fiscal_id=record.fiscal_id, pipeline=pipe
-        )
-        self.store.forget(record.rid, pipe)
-        pipe.hincrby(keys.COUNTERS, kind, 1)
-        if patched:
-            pipe.hincrby(keys.COUNTERS, "patches", 1)
-        pipe.execute()
+        with self.store.fenced(record) as pipe:
+            self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipe)
+            self.audit.set_state(
+                record.brand,
+                record.receipt_id,
+                "fiscalised",
+                fiscal_id=record.fiscal_id,
+                pipeline=pipe,
+            )
+            self.store.forget(record.rid, pipe)
+            pipe.hincrby(keys.COUNTERS, kind, 1)
+            if patched:
+                pipe.hincrby(keys.COUNTERS, "patches", 1)
         log.info(
             kv(
                 "result_" + kind,
@@ -389,33 +454,32 @@ class Fiscaliser:
         self, record: ResultRecord, reason: str, error: str, http_status: int | None = None
     ) -> Outcome:
         now = self.clock()
-        pipe = self.redis.pipeline(transaction=True)
-        dlq_id = self.dlq.add(
-            reason=reason,
-            payload=record.payload,
-            error=error,
-            receipt_id=record.receipt_id,
-            brand=record.brand,
-            fiscal_id=record.fiscal_id,
-            attempts=record.attempts,
-            first_seen=iso(record.first_seen),
-            last_seen=iso(now),
-            http_status=http_status if http_status is not None else record.last_status,
-            result=record.result,
-            result_id=record.rid,
-            pipeline=pipe,
-        )
-        self.audit.set_state(
-            record.brand,
-            record.receipt_id,
-            "dead_lettered",
-            fiscal_id=record.fiscal_id,
-            dlq_id=dlq_id,
-            pipeline=pipe,
-        )
-        self.store.forget(record.rid, pipe)
-        pipe.hincrby(keys.COUNTERS, f"dead_lettered:{reason}", 1)
-        pipe.execute()
+        with self.store.fenced(record) as pipe:
+            dlq_id = self.dlq.add(
+                reason=reason,
+                payload=record.payload,
+                error=error,
+                receipt_id=record.receipt_id,
+                brand=record.brand,
+                fiscal_id=record.fiscal_id,
+                attempts=record.attempts,
+                first_seen=to_rfc3339(record.first_seen),
+                last_seen=to_rfc3339(now),
+                http_status=http_status if http_status is not None else record.last_status,
+                result=record.result,
+                result_id=record.rid,
+                pipeline=pipe,
+            )
+            self.audit.set_state(
+                record.brand,
+                record.receipt_id,
+                "dead_lettered",
+                fiscal_id=record.fiscal_id,
+                dlq_id=dlq_id,
+                pipeline=pipe,
+            )
+            self.store.forget(record.rid, pipe)
+            pipe.hincrby(keys.COUNTERS, f"dead_lettered:{reason}", 1)
         log.warning(
             kv(
                 "result_dead_lettered",

@@ -46,11 +46,14 @@ AUTH_PER_MINUTE = 30  # half of Clopos' 60/min per IP: refreshes of many brands 
 AUTH_BURST = 3  # auth calls that may go at once; the rest are spread at the pace above
 AUTH_MAX_WAIT_SECONDS = 10.0
 
-# Defines reserve(prefix, n, now, limit, window, margin, max_wait) -> ok, start, step.
+# Defines reserve(prefix, n, now, limit, window, margin, max_wait, first) -> ok, start, step.
 # Shared by the scripts below and by the dispatcher's admission script (worker/store.py).
+# `first` (a result already under way: its PATCH after a not-ready GET, a re-try after a
+# 401) takes its slots now, ahead of the queue, and pushes the queue back by as many: the
+# pace is kept, and the window guard (_TAKE) keeps the server's count.
 RESERVE_LUA = """
 local function fmt(x) return string.format('%.6f', x) end
-local function reserve(prefix, n, now, limit, window, margin, max_wait)
+local function reserve(prefix, n, now, limit, window, margin, max_wait, first)
   local tat = tonumber(redis.call('GET', prefix .. 'tat')) or 0
   local pause = tonumber(redis.call('GET', prefix .. 'pause')) or 0
   local others = tonumber(redis.call('GET', prefix .. 'others')) or 0
@@ -59,19 +62,23 @@ local function reserve(prefix, n, now, limit, window, margin, max_wait)
   if cap < 1 then cap = 1 end
   local step = window / cap
   local start = math.max(tat, now, pause)
-  if start - now > max_wait then return 0, start, step end
   local new_tat = start + n * step
+  if first then
+    start = math.max(now, pause)
+  elseif start - now > max_wait then
+    return 0, start, step
+  end
   redis.call('SET', prefix .. 'tat', fmt(new_tat), 'PX', math.ceil((new_tat - now + window) * 1000))
   return 1, start, step
 end
 """
 
-# KEYS: none (prefix in ARGV). ARGV: prefix, n, now, limit, window, margin, max_wait.
+# KEYS: none (prefix in ARGV). ARGV: prefix, n, now, limit, window, margin, max_wait, first.
 _RESERVE = (
     RESERVE_LUA
     + """
 local ok, start, step = reserve(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1')
 return {ok, fmt(start), fmt(step)}
 """
 )
@@ -162,11 +169,21 @@ class BrandBudget:
         self._observe = redis_client.register_script(_OBSERVE)
         self._take = redis_client.register_script(_TAKE)
 
-    def reserve(self, brand: str, n: int = 1, max_wait: float | None = None) -> Reservation:
-        """Take the brand's next `n` slots if the first is within `max_wait` seconds."""
+    def reserve(
+        self, brand: str, n: int = 1, max_wait: float | None = None, *, first: bool = False
+    ) -> Reservation:
+        """Take the brand's next `n` slots if the first is within `max_wait` seconds; with
+        `first`, take them now, ahead of the brand's queue (see RESERVE_LUA)."""
         wait = self.policy.short_wait if max_wait is None else max_wait
         ok, start, step = self._reserve(
-            args=[keys.rate_prefix(brand), n, repr(self.clock()), *self.policy.lua_args(), wait]
+            args=[
+                keys.rate_prefix(brand),
+                n,
+                repr(self.clock()),
+                *self.policy.lua_args(),
+                wait,
+                "1" if first else "0",
+            ]
         )
         return Reservation(bool(int(ok)), float(start), float(step))
 

@@ -99,3 +99,44 @@ def reset_clients() -> None:
     """Forget cached clients (tests; after changing FISCAL_REDIS_URL in-process)."""
     with _clients_lock:
         _clients.clear()
+
+
+def maxmemory_policy(client: redis.Redis) -> str | None:
+    """Redis' maxmemory-policy, or None where it cannot be read (fakeredis; a managed Redis
+    that answers neither CONFIG GET nor INFO memory with it)."""
+    try:
+        reply = client.config_get("maxmemory-policy")
+        value = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
+    except redis.ResponseError:  # CONFIG disabled or renamed (managed Redis)
+        value = None
+    if not value:
+        try:
+            value = client.info("memory").get("maxmemory_policy")
+        except redis.ResponseError:
+            value = None
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value) if value else None
+
+
+def is_evicting(policy: str | None) -> bool:
+    """Whether Redis may delete keys on its own at maxmemory (allkeys-*, volatile-*): it would
+    delete result records, fiscalised markers, locks and leases. Only noeviction is safe."""
+    return policy is not None and policy != "noeviction"
+
+
+def check_policy(client: redis.Redis, *, allow_evicting: bool) -> str | None:
+    """At a worker's start: raise EvictingRedis (one line) under an evicting policy unless
+    the operator opted out with FISCAL_ALLOW_EVICTING_REDIS; returns the policy."""
+    policy = maxmemory_policy(client)
+    if is_evicting(policy) and not allow_evicting:
+        raise EvictingRedis(
+            f"Redis maxmemory-policy is {policy}: it evicts result records, markers and leases "
+            "at maxmemory; set it to noeviction (or FISCAL_ALLOW_EVICTING_REDIS=true to run "
+            "anyway)"
+        )
+    return policy
+
+
+class EvictingRedis(Exception):
+    """Redis runs with an evicting maxmemory-policy; str() is one line for the operator."""

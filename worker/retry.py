@@ -27,6 +27,7 @@ NOT_READY_CAP_SECONDS = 60.0  # a receipt closing late is picked up within a min
 FLOOR_SECONDS = 0.5
 AUTH_MAX_ATTEMPTS = 5
 RATE_LIMIT_JITTER_SECONDS = 0.5  # spread the fleet after a shared 429 pause
+MAX_DOUBLINGS = 62  # far past any cap; keeps 2 ** n a finite float
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class RetryPolicy:
 
     def backoff(self, failures: int, cap: float, rng: random.Random | None = None) -> float:
         """Full-jitter delay after `failures` consecutive failures (1 = the first)."""
-        ceiling = min(cap, self.base * 2 ** max(0, failures - 1))
+        # The exponent is capped: 2.0 ** 1024 overflows a float after ~1,000 failures.
+        ceiling = min(cap, self.base * 2.0 ** min(max(0, failures - 1), MAX_DOUBLINGS))
         return (rng or random).uniform(self.floor, max(self.floor, ceiling))
 
     def transient(self, failures: int, since: float, now: float) -> Retry:

@@ -22,8 +22,8 @@ from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
 from worker.redis_conn import redis_client
 from worker.retry import RetryPolicy
 from worker.settings import Settings, get_settings
-from worker.store import RECORD_TTL_SLACK_SECONDS, ResultStore
-from worker.tokens import TokenProvider
+from worker.store import ResultStore
+from worker.tokens import TokenProvider, refresh_lock_seconds
 
 
 @dataclass
@@ -68,17 +68,24 @@ def build_runtime(settings: Settings) -> Runtime:
 
     client.on_response = on_response
     tokens = TokenProvider(
-        r, client.authenticate, auth_budget=AuthBudget(r, settings.auth_calls_per_minute)
+        r,
+        client.authenticate,
+        auth_budget=AuthBudget(r, settings.auth_calls_per_minute),
+        lock_seconds=refresh_lock_seconds(
+            settings.http_connect_timeout_seconds, settings.http_timeout_seconds
+        ),
     )
     client.tokens = tokens
     store = ResultStore(
         r,
-        record_ttl=record_ttl(settings),
+        lifetime=result_lifetime(settings),
         rate=rate,
         queue_lease=settings.queue_lease_seconds,
         run_lease=settings.run_lease_seconds,
     )
-    dlq = DeadLetterStore(r, max_entries=settings.dlq_max_entries)
+    dlq = DeadLetterStore(
+        r, warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
+    )
     audit = AuditTrail(
         r, ttl_seconds=settings.audit_ttl_seconds, max_attempts=settings.audit_max_attempts
     )
@@ -115,9 +122,12 @@ def rate_policy(settings: Settings) -> RatePolicy:
     )
 
 
-def record_ttl(settings: Settings) -> int:
-    windows = settings.transient_retry_window_seconds + settings.not_ready_retry_window_seconds
-    return int(windows + RECORD_TTL_SLACK_SECONDS)
+def result_lifetime(settings: Settings) -> float:
+    """Seconds from a result's first sight to its deadline: FISCAL_RESULT_DEADLINE_SECONDS,
+    by default the longer retry window."""
+    if settings.result_deadline_seconds is not None:
+        return settings.result_deadline_seconds
+    return max(settings.transient_retry_window_seconds, settings.not_ready_retry_window_seconds)
 
 
 _lock = threading.Lock()

@@ -1,8 +1,19 @@
-"""The background loops every worker process runs beside Celery: ingest and dispatch.
+"""The background loops every worker process runs beside Celery: ingest, dispatch, and a
+heartbeat with the slow sweeps.
 
 Started by a Celery bootstep (worker/app.py) in the main process of `celery worker`, so
 every pod that runs tasks also reads the stream and drives the schedule. Each loop survives
 any error (Redis restarting, a bug on one entry): it logs, waits a moment and goes on.
+
+    ingest      read and settle stream entries; every RECLAIM_INTERVAL take over those of
+                dead consumers; every PRUNE_INTERVAL drop dead pods' empty consumers
+    dispatch    admission passes while work is due, else every DISPATCH_INTERVAL
+    heartbeat   every `worker_heartbeat_seconds`: keep the results this worker holds
+                (received, prefetched, running: Celery's reserved requests) leased for
+                `worker_lease_seconds`, so those of a worker that died are re-driven that
+                long after its last beat; a step of the unscheduled-records sweep; every
+                POLICY_CHECK_INTERVAL, Redis' maxmemory-policy again
+
 `stop()` lets the current iteration finish; what it had not settled stays pending in the
 stream or due in the schedule, for this or another worker.
 """
@@ -21,22 +32,30 @@ import redis
 from worker.dispatcher import Dispatcher, Publish
 from worker.ingest import IngestConsumer
 from worker.logs import kv
-from worker.redis_conn import redis_client
+from worker.redis_conn import is_evicting, maxmemory_policy, redis_client
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 DISPATCH_INTERVAL_SECONDS = 0.2
 RECLAIM_INTERVAL_SECONDS = 5.0
+PRUNE_INTERVAL_SECONDS = 600.0
+CONSUMER_IDLE_SECONDS = 3600.0  # an empty consumer idle this long belonged to a dead pod
+POLICY_CHECK_INTERVAL_SECONDS = 60.0
 ERROR_PAUSE_SECONDS = 1.0
+
+Held = Callable[[], list[tuple[str, int]]]  # (rid, dispatch) of the results this worker holds
 
 
 class WorkerService:
-    def __init__(self, runtime: Runtime, publish: Publish, queue_name: str) -> None:
+    def __init__(
+        self, runtime: Runtime, publish: Publish, queue_name: str, held: Held | None = None
+    ) -> None:
         settings = runtime.settings
         self.runtime = runtime
         self.stopping = threading.Event()
         self.queue_name = queue_name
+        self.held = held or (lambda: [])
         consumer = f"{socket.gethostname()}:{os.getpid()}"
 
         def queue_has_room() -> bool:
@@ -54,11 +73,16 @@ class WorkerService:
             claim_idle_seconds=settings.claim_idle_seconds,
         )
         self.dispatcher = Dispatcher(
-            runtime.store, publish, self.queue_length, max_queued=settings.max_queued
+            runtime.store,
+            publish,
+            self.queue_length,
+            max_queued=settings.max_queued,
+            dlq=runtime.dlq,
         )
         self.threads = [
             threading.Thread(target=self._ingest_loop, name="fiscal-ingest", daemon=True),
             threading.Thread(target=self._dispatch_loop, name="fiscal-dispatch", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="fiscal-heartbeat", daemon=True),
         ]
 
     def queue_length(self) -> int:
@@ -83,12 +107,41 @@ class WorkerService:
 
     def _ingest_loop(self) -> None:
         next_reclaim = 0.0
+        next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
         self._guarded(self.consumer.ensure_group)
         while not self.stopping.is_set():
             if time.monotonic() >= next_reclaim:
                 self._guarded(self.consumer.reclaim)
                 next_reclaim = time.monotonic() + RECLAIM_INTERVAL_SECONDS
+            if time.monotonic() >= next_prune:
+                self._guarded(self._prune_consumers)
+                next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
             self._guarded(self.consumer.poll)
+
+    def _prune_consumers(self) -> int:
+        return self.consumer.prune_consumers(CONSUMER_IDLE_SECONDS)
+
+    def _heartbeat_loop(self) -> None:
+        settings = self.runtime.settings
+        next_policy_check = time.monotonic() + POLICY_CHECK_INTERVAL_SECONDS
+        while not self.stopping.is_set():
+            self._guarded(self.beat)
+            self._guarded(self.dispatcher.sweep_unscheduled)
+            if time.monotonic() >= next_policy_check:
+                self._guarded(self._check_policy)
+                next_policy_check = time.monotonic() + POLICY_CHECK_INTERVAL_SECONDS
+            self.stopping.wait(settings.worker_heartbeat_seconds)
+
+    def beat(self) -> int:
+        """Keep the results this worker holds leased for another worker_lease_seconds."""
+        held = self.held()
+        lease_until = time.time() + self.runtime.settings.worker_lease_seconds
+        return self.runtime.store.hold(held, lease_until)
+
+    def _check_policy(self) -> None:
+        policy = maxmemory_policy(self.runtime.redis)
+        if is_evicting(policy):
+            log.error(kv("redis_evicting_policy", maxmemory_policy=policy))
 
     def _dispatch_loop(self) -> None:
         while not self.stopping.is_set():

@@ -60,13 +60,19 @@ class Settings(BaseSettings):
     ingest_stream: str = Field("fiscal:results", min_length=1)
 
     # --- the project's own ---------------------------------------------------------
+    # Every result is finished (fiscalised or dead-lettered `retries_exhausted`) at most this
+    # long after it was first seen, whatever it waits for (budget, 429s, an open circuit, a
+    # busy receipt). Unset: the longer of the two retry windows.
+    result_deadline_seconds: float | None = Field(None, gt=0)
     # HTTP read timeout: above the API's 8 s upstream limit so its 504 reaches us first.
     http_timeout_seconds: float = Field(12, gt=0)
     http_connect_timeout_seconds: float = Field(5, gt=0)
     fiscalised_marker_ttl_seconds: int = Field(30 * DAY, ge=60)
     audit_ttl_seconds: int = Field(90 * DAY, ge=60)
     audit_max_attempts: int = Field(50, ge=1)
-    dlq_max_entries: int = Field(100_000, ge=1)
+    # Dead-letter store: never trimmed; past either bound it warns (log, stats, metric).
+    dlq_warn_entries: int = Field(100_000, ge=1)
+    dlq_warn_bytes: int = Field(1024**3, ge=1024)
     # Retry policy (worker/retry.py explains each number).
     retry_base_seconds: float = Field(1.0, gt=0)
     retry_max_delay_seconds: float = Field(300.0, gt=0)
@@ -78,6 +84,10 @@ class Settings(BaseSettings):
     # lapses. run: longer than one API call with its timeouts; queue: than a short queue.
     run_lease_seconds: float = Field(60.0, gt=0)
     queue_lease_seconds: float = Field(120.0, gt=0)
+    # A worker renews the leases of the results it holds (received, prefetched or running)
+    # every heartbeat; those of a worker that died lapse `worker_lease` after its last one.
+    worker_heartbeat_seconds: float = Field(10.0, gt=0)
+    worker_lease_seconds: float = Field(30.0, gt=0)
     # Per-receipt lock (worker/idempotency.py): longer than a GET + auth + PATCH can take.
     receipt_lock_seconds: float = Field(120.0, gt=0)
     # Rate budget and circuit breaker (worker/ratelimit.py, worker/breaker.py).
@@ -89,6 +99,9 @@ class Settings(BaseSettings):
     failed_calls_per_minute: int = Field(300, ge=1)
     # A stream entry read by a consumer that died is claimed by another after this idle time.
     claim_idle_seconds: float = Field(30.0, gt=0)
+    # An evicting maxmemory-policy deletes results, markers and leases: the worker refuses
+    # to start on one unless this says the operator accepts it (loud warning, metric).
+    allow_evicting_redis: bool = False
     log_level: str = "INFO"
 
     @field_validator("redis_url")

@@ -55,7 +55,9 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
             "stream_pending": pending_entries,
         },
         "counters": counters,
-        "dead_letters": DeadLetterStore(r).stats(),
+        "dead_letters": DeadLetterStore(
+            r, warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
+        ).stats(),
         "brands": {
             brand: {"budget": budget.snapshot(brand), "breaker": breaker.state(brand)}
             for brand in known_brands(r, settings)

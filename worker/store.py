@@ -1,46 +1,86 @@
 """The durable record of every result not finished yet, and the schedule that drives it.
 
 Each accepted result is a hash (keys.result) plus one member of a sorted set
-(keys.SCHEDULE) whose score is the unix time the result next needs attention:
+(keys.SCHEDULE) whose score is the unix time the result next needs attention; the hash's
+`state` says which kind of score it is:
 
-    queued    score = now + QUEUE_LEASE    published to Celery, waiting in the queue
-    running   score = now + RUN_LEASE      a task has it; renewed before every API call
-    parked    score = retry due time       waiting out a backoff, a 429 or a busy receipt,
-                                           or its brand's budget slot (minus the lead)
     due       score <= now                 admission (`admit_due`) publishes it or parks it
+    queued    score = now + QUEUE_LEASE    published to Celery, waiting in the queue; once a
+                                           worker receives it, now + WORKER_LEASE, renewed by
+                                           that worker's heartbeat (`hold`)
+    running   score = now + RUN_LEASE      a task has it; renewed before every API call
+                                           (`fence`) and by the heartbeat
+    parked    score = retry due time       waiting out a backoff, a 429, a busy receipt or
+                                           its brand's budget slot (minus the lead)
 
-A result leaves both only when it is finished (fiscalised or dead-lettered), in the same
-transaction that records the outcome. So whatever Celery or the transport loses — a SIGKILL
-between fetch and the unacked record, a task failed by a Redis error, a message dropped by
-a restart — its lease lapses and the dispatcher publishes it again: delivery does not rest
-on the broker's visibility timeout. Each publication bumps `dispatch`; a task carrying an
-older number is a stale duplicate and does nothing.
+Invariants:
+- A result leaves both only when it is finished (fiscalised or dead-lettered), in the same
+  transaction that records the outcome. So whatever Celery or the transport loses — a
+  SIGKILL between fetch and the unacked record, a task failed by a Redis error, a message
+  dropped by a restart, a worker that died holding prefetched messages — its lease lapses
+  and the dispatcher publishes it again: delivery does not rest on the broker.
+- A live record never expires (no TTL). Instead every result has a `deadline`
+  (first_seen + the longer retry window): whatever it waits for — a budget slot, a 429
+  pause, an open circuit, a busy receipt — it is published at its deadline and its task
+  dead-letters it `retries_exhausted`. No wait is unbounded.
+- Each publication bumps `dispatch`. A task carrying an older number does nothing, and every
+  write of a run is fenced on its number (`fenced`, `fence`): a run whose lease lapsed can
+  neither recreate a record nor reset its windows.
+- A schedule entry without a record (an orphan: something deleted or evicted it) is
+  returned by admission to be dead-lettered, never dropped silently; a record without a
+  schedule entry is put back by `reschedule_lost` (the dispatcher's sweep).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import redis
 
 from worker import keys
+from worker.idempotency import ReceiptLock
 from worker.ratelimit import CALLS_PER_RESULT, RESERVE_LUA, RatePolicy
 
 QUEUE_LEASE_SECONDS = 120.0  # published, not started yet: longer than a short queue takes
-RUN_LEASE_SECONDS = 60.0  # started: longer than one API call with its timeouts (~25 s)
-# (both are settings: FISCAL_QUEUE_LEASE_SECONDS, FISCAL_RUN_LEASE_SECONDS)
-RECORD_TTL_SLACK_SECONDS = 86_400  # backstop TTL beyond the retry windows
+RUN_LEASE_SECONDS = 30.0  # started: renewed before every API call and by the heartbeat
+HELD_LEASE_SECONDS = 30.0  # received by a live worker: renewed by its heartbeat
+# (settings: FISCAL_QUEUE_LEASE_SECONDS, FISCAL_RUN_LEASE_SECONDS, FISCAL_WORKER_LEASE_SECONDS)
+DEFAULT_LIFETIME_SECONDS = 86_400.0  # the transient retry window's default
+ORPHAN_RECHECK_SECONDS = 60.0  # a schedule entry without its record, until it is dead-lettered
 
-# KEYS: result hash, schedule. ARGV: rid, fields-json, score, ttl.
-# Creates the record only if new, so a re-claimed stream entry cannot reset a result.
+
+class State(StrEnum):
+    """Where an unfinished result is, as its record says (field `state`)."""
+
+    DUE = "due"  # recorded, waiting for admission
+    QUEUED = "queued"  # published to Celery, or received by a worker
+    RUNNING = "running"  # a task has begun it
+    PARKED = "parked"  # waiting out a backoff, a pause, a busy receipt or its budget slot
+
+
+class Begin(StrEnum):
+    """Why `ResultStore.begin` gave no record."""
+
+    GONE = "gone"  # finished already
+    STALE = "stale"  # a newer dispatch owns the result
+
+
+class Superseded(Exception):
+    """This run's dispatch is no longer the result's: it must not write anything."""
+
+
+# KEYS: result hash, schedule. ARGV: rid, fields-json, score.
+# Creates the record only if new, so a re-claimed stream entry cannot reset a result. A live
+# record has no TTL: it ends when the result finishes, or at its deadline (dead-lettered).
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local fields = cjson.decode(ARGV[2])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
@@ -48,14 +88,17 @@ return 1
 # Admission: which results go to the Celery queue now. KEYS: schedule.
 # ARGV: mode ('due' | 'ids'), now, limit, lease-until, result prefix, rate prefix base,
 #       budget limit, window, margin, lead, calls per result, marker prefix,
-#       breaker prefix, [ids...]
-# A result whose receipt is already marked fiscalised needs no call: it goes at once. One
-# whose brand is paused (429) or has an open circuit waits, without reserving anything, until
-# that ends (spread over the cool-down). Any other reserves its calls' slots in its brand's
-# budget (RESERVE_LUA; a result retried for a missing or open receipt reserves only its GET)
-# and is parked until its first slot if that is more than `lead` away, its reservation kept;
-# the rest are leased as queued and returned, to be published.
-# Returns {parked, rid, dispatch, brand, receipt_id, ...}; drops orphans.
+#       breaker prefix, orphan recheck, [ids...]
+# A result past its deadline, or whose receipt is already marked fiscalised, needs no call:
+# it goes at once (its task dead-letters or absorbs it). One whose brand is paused (429) or
+# has an open circuit waits, without reserving anything, until that ends (spread over the
+# cool-down). Any other reserves its calls' slots in its brand's budget (RESERVE_LUA; a
+# not-ready retry reserves only its GET; a result marked `first` - already under way -
+# reserves ahead of the queue) and is parked until its first slot if that is more than
+# `lead` away, its reservation kept; the rest are leased as queued and returned.
+# A schedule entry whose record is gone is an orphan: kept, looked at again later, and
+# returned for the dispatcher to dead-letter (never dropped silently).
+# Returns {parked, {orphan rids}, {rid, dispatch, brand, receipt_id, ...}}.
 _ADMIT = (
     RESERVE_LUA
     + """
@@ -81,17 +124,22 @@ if ARGV[1] == 'due' then
   rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 else
   rids = {}
-  for i = 14, #ARGV do table.insert(rids, ARGV[i]) end
+  for i = 15, #ARGV do table.insert(rids, ARGV[i]) end
 end
-local out = {0}
+local parked, orphans, out = 0, {}, {}
 for _, rid in ipairs(rids) do
   local key = ARGV[5] .. rid
-  local meta = redis.call('HMGET', key, 'brand', 'receipt_id', 'slot', 'not_ready_since')
+  local meta = redis.call('HMGET', key, 'brand', 'receipt_id', 'slot', 'not_ready_since',
+    'deadline', 'first')
   if not meta[1] then
-    redis.call('ZREM', KEYS[1], rid)
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[14]), rid)
+    table.insert(orphans, rid)
   else
     local slot = tonumber(meta[3])
-    if not slot then
+    local deadline = tonumber(meta[5])
+    if deadline and now >= deadline then
+      slot = now
+    elseif not slot then
       if redis.call('EXISTS', ARGV[12] .. meta[1] .. ':' .. meta[2]) == 1 then
         slot = now
       else
@@ -100,35 +148,41 @@ for _, rid in ipairs(rids) do
           slot = hold + lead  -- parked below, nothing reserved
         else
           local n = tonumber(ARGV[11])
-          if meta[4] and meta[4] ~= '' then n = 1 end
+          if meta[4] and meta[4] ~= '' and meta[6] ~= '1' then n = 1 end
           local _, start, step = reserve(ARGV[6] .. meta[1] .. ':', n, now,
-            tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), 1e18)
+            tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), 1e18, meta[6] == '1')
           redis.call('HSET', key, 'slot', fmt(start), 'step', fmt(step), 'slots', n)
           slot = start
         end
       end
+      if deadline and slot - lead > deadline then slot = deadline + lead end
     end
     if slot - now > lead then
       redis.call('ZADD', KEYS[1], fmt(slot - lead), rid)
-      out[1] = out[1] + 1
+      redis.call('HSET', key, 'state', 'parked')
+      parked = parked + 1
     else
       redis.call('ZADD', KEYS[1], ARGV[4], rid)
       local d = redis.call('HINCRBY', key, 'dispatch', 1)
+      redis.call('HSET', key, 'state', 'queued')
       table.insert(out, rid); table.insert(out, d)
       table.insert(out, meta[1]); table.insert(out, meta[2] or '')
     end
   end
 end
-return out
+return {parked, orphans, out}
 """
 )
 
 # KEYS: result hash, schedule. ARGV: rid, dispatch, lease-until.
 # A task starts: only the current dispatch may run; it leases the result for RUN_LEASE.
+# PERSIST: a record written by an older version with a TTL lives until it finishes.
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 if redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[2] then return {'stale'} end
-redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'running')
+redis.call('PERSIST', KEYS[1])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
@@ -136,6 +190,46 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 _RENEW = """
 if redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[2] then return 0 end
 return redis.call('ZADD', KEYS[2], 'XX', 'CH', ARGV[3], ARGV[1]) + 1
+"""
+
+# KEYS: schedule, then one result hash per held result. ARGV: lease-until, then one
+# (rid, dispatch) pair per result. A live worker's heartbeat: the results it holds
+# (received, prefetched or running) stay leased; a parked or re-dispatched one is left alone.
+_HOLD = """
+local renewed = 0
+for i = 2, #KEYS do
+  local rid, dispatch = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  local meta = redis.call('HMGET', KEYS[i], 'dispatch', 'state')
+  if meta[1] == dispatch and (meta[2] == 'queued' or meta[2] == 'running') then
+    renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', ARGV[1], rid)
+  end
+end
+return renewed
+"""
+
+# KEYS: receipt lock, result hash, schedule. ARGV: lock token, lock ms, rid, dispatch,
+# lease-until. Right before a request is sent: this run must still be the result's current
+# dispatch and hold the receipt's lock (a fencing check); both are extended, atomically.
+_FENCE = """
+if redis.call('HGET', KEYS[2], 'dispatch') ~= ARGV[4] then return 'superseded' end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lock_lost' end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], 'XX', ARGV[5], ARGV[3])
+return 'ok'
+"""
+
+# KEYS: schedule, then one result hash per rid. ARGV: now, then the rids. Puts back in the
+# schedule, due now, every record that lost its schedule entry; returns those rids.
+_RESCHEDULE = """
+local found = {}
+for i = 2, #KEYS do
+  local rid = ARGV[i]
+  if redis.call('EXISTS', KEYS[i]) == 1 and not redis.call('ZSCORE', KEYS[1], rid) then
+    redis.call('ZADD', KEYS[1], ARGV[1], rid)
+    table.insert(found, rid)
+  end
+end
+return found
 """
 
 
@@ -147,12 +241,16 @@ class ResultRecord:
     result: dict[str, Any]
     payload: str
     first_seen: float
+    deadline: float  # when it is dead-lettered retries_exhausted, whatever it waits for
     dispatch: int = 0
     attempts: int = 0  # task runs that reached the API
     failures: int = 0  # consecutive failed attempts, for the backoff
     not_ready_since: float | None = None
+    not_found: bool = False  # the last not-ready answer was a 404 (else: not closed yet)
     transient_since: float | None = None
     auth_failures: int = 0
+    deferrals: int = 0  # runs that could not call (budget, pause, circuit, busy receipt)
+    first: bool = False  # under way: its next admission reserves ahead of the queue
     last_error: str | None = None
     last_status: int | None = None
     slot: float | None = None  # first reserved call slot (unix s), from admission
@@ -177,10 +275,13 @@ class ResultRecord:
         return int(value) if value is not None else None
 
     @classmethod
-    def from_hash(cls, rid: str, raw: Mapping[str, str]) -> ResultRecord:
+    def from_hash(
+        cls, rid: str, raw: Mapping[str, str], default_lifetime: float = 0.0
+    ) -> ResultRecord:
         """Parse a stored record; a damaged counter reads as unset rather than failing the
         result for good (the fields that make the result, `result` and `first_seen`, must
-        parse)."""
+        parse). A record without a deadline (an older version's) gets first_seen plus
+        `default_lifetime`."""
 
         def number(name: str, kind: type[int] | type[float]) -> Any:
             try:
@@ -188,17 +289,23 @@ class ResultRecord:
             except ValueError:
                 return None
 
+        first_seen = float(raw["first_seen"])
+        deadline = number("deadline", float)
         return cls(
             rid=rid,
             result=json.loads(raw["result"]),
             payload=raw.get("payload", ""),
-            first_seen=float(raw["first_seen"]),
+            first_seen=first_seen,
+            deadline=deadline if deadline is not None else first_seen + default_lifetime,
             dispatch=number("dispatch", int) or 0,
             attempts=number("attempts", int) or 0,
             failures=number("failures", int) or 0,
             not_ready_since=number("not_ready_since", float),
+            not_found=raw.get("not_found") == "1",
             transient_since=number("transient_since", float),
             auth_failures=number("auth_failures", int) or 0,
+            deferrals=number("deferrals", int) or 0,
+            first=raw.get("first") == "1",
             last_error=raw.get("last_error") or None,
             last_status=number("last_status", int),
             slot=number("slot", float),
@@ -217,10 +324,12 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Admission:
-    """What one admission pass did: results to publish now, and how many it parked."""
+    """What one admission pass did: results to publish now, how many it parked, and the
+    schedule entries it found without a record (orphans, for the dispatcher)."""
 
     publish: list[Claimed]
     parked: int
+    orphans: list[str] = field(default_factory=list)
 
     @property
     def handled(self) -> int:
@@ -228,21 +337,35 @@ class Admission:
 
 
 def _flatten(record_fields: Mapping[str, Any]) -> dict[str, str]:
-    return {k: ("" if v is None else str(v)) for k, v in record_fields.items()}
+    def text(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        return str(value)
+
+    return {k: text(v) for k, v in record_fields.items()}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ResultStore:
+    """The records and the schedule. `lifetime`: seconds from first_seen to a result's
+    deadline (the longer retry window; worker/runtime.py)."""
+
     def __init__(
         self,
         redis_client: redis.Redis,
         *,
-        record_ttl: int,
         rate: RatePolicy,
+        lifetime: float = DEFAULT_LIFETIME_SECONDS,
         queue_lease: float = QUEUE_LEASE_SECONDS,
         run_lease: float = RUN_LEASE_SECONDS,
     ) -> None:
         self.redis = redis_client
-        self.record_ttl = record_ttl
+        self.lifetime = lifetime
         self.rate = rate
         self.queue_lease = queue_lease
         self.run_lease = run_lease
@@ -250,6 +373,9 @@ class ResultStore:
         self._admit = redis_client.register_script(_ADMIT)
         self._begin = redis_client.register_script(_BEGIN)
         self._renew = redis_client.register_script(_RENEW)
+        self._hold = redis_client.register_script(_HOLD)
+        self._fence = redis_client.register_script(_FENCE)
+        self._reschedule = redis_client.register_script(_RESCHEDULE)
 
     def create(
         self,
@@ -267,11 +393,13 @@ class ResultStore:
             "brand": result["brand"],
             "receipt_id": result["receipt_id"],
             "first_seen": repr(now),
+            "deadline": repr(now + self.lifetime),
             "dispatch": 0,
+            "state": State.DUE.value,
         }
         created = self._create(
             keys=[keys.result(rid), keys.SCHEDULE],
-            args=[rid, json.dumps(_flatten(fields)), repr(score), self.record_ttl],
+            args=[rid, json.dumps(_flatten(fields)), repr(score)],
         )
         return bool(created)
 
@@ -284,7 +412,7 @@ class ResultStore:
         return self._run_admit("ids", now, len(rids), rids) if rids else Admission([], 0)
 
     def _run_admit(self, mode: str, now: float, limit: int, rids: list[str]) -> Admission:
-        flat = self._admit(
+        parked, orphans, flat = self._admit(
             keys=[keys.SCHEDULE],
             args=[
                 mode,
@@ -298,26 +426,27 @@ class ResultStore:
                 CALLS_PER_RESULT,
                 keys.FISCALISED_PREFIX,
                 keys.breaker(""),
+                repr(ORPHAN_RECHECK_SECONDS),
                 *rids,
             ],
         )
         publish = [
-            Claimed(str(flat[i]), int(flat[i + 1]), str(flat[i + 2]), str(flat[i + 3]))
-            for i in range(1, len(flat), 4)
+            Claimed(_text(flat[i]), int(flat[i + 1]), _text(flat[i + 2]), _text(flat[i + 3]))
+            for i in range(0, len(flat), 4)
         ]
-        return Admission(publish, int(flat[0]))
+        return Admission(publish, int(parked), [_text(rid) for rid in orphans])
 
-    def begin(self, rid: str, dispatch: int, now: float) -> ResultRecord | str:
-        """The record if this dispatch may run, else 'gone' (finished) or 'stale'."""
+    def begin(self, rid: str, dispatch: int, now: float) -> ResultRecord | Begin:
+        """The record if this dispatch may run, else why not."""
         reply = self._begin(
             keys=[keys.result(rid), keys.SCHEDULE],
             args=[rid, dispatch, repr(now + self.run_lease)],
         )
-        if reply[0] != "ok":
-            return str(reply[0])
+        if _text(reply[0]) != "ok":
+            return Begin(_text(reply[0]))
         flat = reply[1]
-        raw = {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return ResultRecord.from_hash(rid, raw)
+        raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return ResultRecord.from_hash(rid, raw, self.lifetime)
 
     def renew(self, record: ResultRecord, now: float) -> bool:
         """Extend the running lease; False if a newer dispatch took the result over."""
@@ -326,6 +455,60 @@ class ResultStore:
             args=[record.rid, record.dispatch, repr(now + self.run_lease)],
         )
         return bool(renewed)
+
+    def hold(self, held: list[tuple[str, int]], lease_until: float) -> int:
+        """A worker's heartbeat: keep the results it holds leased until `lease_until`."""
+        if not held:
+            return 0
+        return int(
+            self._hold(
+                keys=[keys.SCHEDULE, *(keys.result(rid) for rid, _ in held)],
+                args=[repr(lease_until), *(str(v) for pair in held for v in pair)],
+            )
+        )
+
+    def fence(self, record: ResultRecord, lock: ReceiptLock, now: float) -> str:
+        """Right before a request: 'ok' (lock and lease extended), 'superseded' or
+        'lock_lost'."""
+        return _text(
+            self._fence(
+                keys=[lock.key, keys.result(record.rid), keys.SCHEDULE],
+                args=[
+                    lock.token,
+                    lock.ttl_ms,
+                    record.rid,
+                    record.dispatch,
+                    repr(now + self.run_lease),
+                ],
+            )
+        )
+
+    def reschedule_lost(self, rids: list[str], now: float) -> list[str]:
+        """Of these records, put back in the schedule those that have no entry there."""
+        if not rids:
+            return []
+        found = self._reschedule(
+            keys=[keys.SCHEDULE, *(keys.result(rid) for rid in rids)], args=[repr(now), *rids]
+        )
+        return [_text(rid) for rid in found]
+
+    @contextmanager
+    def fenced(self, record: ResultRecord) -> Iterator[redis.client.Pipeline]:
+        """A transaction that commits only while `record.dispatch` is still the result's:
+        every write of a run (park, finish, dead-letter) goes through one. Queue the writes
+        on the yielded pipeline (after MULTI); they run at the end of the `with`. Raises
+        Superseded, writing nothing, if a newer dispatch took the result or it is gone."""
+        key = keys.result(record.rid)
+        with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                if _text(pipe.hget(key, "dispatch") or "") != str(record.dispatch):
+                    raise Superseded
+                pipe.multi()
+                yield pipe
+                pipe.execute()
+            except redis.WatchError:
+                raise Superseded from None
 
     def park(self, record: ResultRecord, due: float, pipe: redis.client.Pipeline) -> None:
         """Queue on `pipe`: save the record's counters and schedule it at `due`."""
@@ -336,15 +519,19 @@ class ResultStore:
                     "attempts": record.attempts,
                     "failures": record.failures,
                     "not_ready_since": record.not_ready_since,
+                    "not_found": record.not_found,
                     "transient_since": record.transient_since,
                     "auth_failures": record.auth_failures,
+                    "deferrals": record.deferrals,
+                    "first": record.first,
                     "last_error": record.last_error,
                     "last_status": record.last_status,
+                    "state": State.PARKED.value,
                 }
             ),
         )
         pipe.hdel(keys.result(record.rid), "slot", "step", "slots")  # its reservation is spent
-        pipe.zadd(keys.SCHEDULE, {record.rid: due}, xx=True)
+        pipe.zadd(keys.SCHEDULE, {record.rid: due})
 
     def forget(self, rid: str, pipe: redis.client.Pipeline) -> None:
         """Queue on `pipe`: the result is finished; drop its record and schedule entry."""

@@ -1,15 +1,18 @@
 """One access token per brand, shared by every worker process through Redis.
 
     reuse      a cached token is used until less than min(60 s, 10% of its lifetime) remains
-    refresh    one process at a time, under a Redis lock (LOCK_SECONDS); the others wait
-               for the new token (polling every POLL_SECONDS, up to WAIT_SECONDS) instead
-               of calling /v2/auth themselves: 20 processes starting at once make one call
+    refresh    one process at a time, under a Redis lock that outlives the longest
+               refresh (`refresh_lock_seconds`: the auth-budget wait plus the auth call's
+               timeouts), so two processes never refresh one brand at once; the others
+               wait for the new token (polling every POLL_SECONDS, a little longer than
+               the lock) instead of calling /v2/auth themselves: 20 processes starting at
+               once make one call
     budget     each /v2/auth call takes a slot of the deployment's auth budget
                (worker/ratelimit.AuthBudget); a slot too far away defers the caller
     rejected   a rejected auth is remembered for FAILURE_MEMORY_SECONDS, so waiting
                processes fail fast instead of each spending the 60/min auth budget
-    invalidate on a 401 the caller drops the token it used (only that one: a newer token
-               another process just fetched is kept)
+    invalidate on any auth-class answer the caller drops the token it used (compare and
+               delete: a newer token another process just fetched is kept)
 
 The token lives in Redis under keys.token(brand) with a TTL no longer than its life; the
 client_secret never reaches Redis.
@@ -29,14 +32,13 @@ from worker import keys
 from worker.clopos import Token
 from worker.errors import AuthError, Deferred, TransientError
 from worker.logs import kv, register_secret
-from worker.ratelimit import AuthBudget
+from worker.ratelimit import AUTH_MAX_WAIT_SECONDS, AuthBudget
 
 log = logging.getLogger(__name__)
 
 REUSE_MARGIN_CAP = 60.0  # refresh when less than min(this, 10% of the lifetime) remains
 REUSE_MARGIN_FRACTION = 0.10
-LOCK_SECONDS = 20.0  # longer than one /v2/auth call can take (its timeouts)
-WAIT_SECONDS = 25.0  # how long a process waits for another's refresh before giving up
+WAIT_SLACK_SECONDS = 5.0  # waiters wait this much longer than the refresh lock lives
 POLL_SECONDS = 0.05
 FAILURE_MEMORY_SECONDS = 10.0
 
@@ -51,6 +53,13 @@ local raw = redis.call('GET', KEYS[1])
 if raw and cjson.decode(raw)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def refresh_lock_seconds(connect_timeout: float, timeout: float) -> float:
+    """How long one refresh can take at most: the wait for an auth-budget slot, then one
+    /v2/auth request with httpx's per-phase timeouts (pool, connect, write, read), plus a
+    second of slack."""
+    return AUTH_MAX_WAIT_SECONDS + connect_timeout + 3 * timeout + 1.0
 
 
 def reuse_margin(lifetime: float) -> float:
@@ -68,14 +77,17 @@ class TokenProvider:
         authenticate: Callable[[str], Token],
         *,
         auth_budget: AuthBudget | None = None,
+        lock_seconds: float = refresh_lock_seconds(5.0, 12.0),
         clock: Callable[[], float] = time.time,
-        wait_seconds: float = WAIT_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.redis = redis_client
         self.auth_budget = auth_budget
         self.authenticate = authenticate
+        self.lock_seconds = lock_seconds
+        self.wait_seconds = lock_seconds + WAIT_SLACK_SECONDS
         self.clock = clock
-        self.wait_seconds = wait_seconds
+        self.sleep = sleep
         self._unlock = redis_client.register_script(_COMPARE_AND_DELETE)
         self._drop = redis_client.register_script(_DROP_IF_CURRENT)
 
@@ -88,7 +100,7 @@ class TokenProvider:
             self._raise_remembered_failure(brand)
             owner = secrets.token_hex(8)
             lock_key = keys.token_refresh_lock(brand)
-            if self.redis.set(lock_key, owner, nx=True, px=int(LOCK_SECONDS * 1000)):
+            if self.redis.set(lock_key, owner, nx=True, px=int(self.lock_seconds * 1000)):
                 try:
                     return self._refresh(brand)
                 finally:
@@ -97,7 +109,7 @@ class TokenProvider:
                 raise TransientError(
                     f"timed out waiting for another process's token refresh of {brand}"
                 )
-            time.sleep(POLL_SECONDS)
+            self.sleep(POLL_SECONDS)
 
     def invalidate(self, brand: str, token: str) -> None:
         if self._drop(keys=[keys.token(brand)], args=[token]):
@@ -148,7 +160,7 @@ class TokenProvider:
             raise Deferred(slot.start, f"auth budget: next /v2/auth slot for {brand} is later")
         wait = slot.start - self.clock()
         if wait > 0:
-            time.sleep(wait)
+            self.sleep(wait)
 
     def _raise_remembered_failure(self, brand: str) -> None:
         remembered = self.redis.get(keys.token_auth_failure(brand))

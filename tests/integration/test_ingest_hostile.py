@@ -41,7 +41,7 @@ def consumer(server: RedisServer) -> tuple[IngestConsumer, list, redis.Redis]:
         raw_redis=server.client(decode=False),
         stream=STREAM,
         consumer="test-consumer",
-        store=ResultStore(text, record_ttl=3600, rate=RatePolicy()),
+        store=ResultStore(text, rate=RatePolicy()),
         dlq=DeadLetterStore(text),
         audit=AuditTrail(text, ttl_seconds=3600, max_attempts=10),
         publish=lambda *args: published.append(args),

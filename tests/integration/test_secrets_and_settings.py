@@ -132,7 +132,9 @@ def test_dlq_commands_need_no_clopos_credentials(env):
         ("FISCAL_NOT_READY_RETRY_WINDOW_SECONDS", "-5"),
         ("FISCAL_TRANSIENT_RETRY_WINDOW_SECONDS", "x"),
         ("FISCAL_INGEST_STREAM", ""),
-        ("FISCAL_DLQ_MAX_ENTRIES", "0"),
+        ("FISCAL_DLQ_WARN_ENTRIES", "0"),
+        ("FISCAL_ALLOW_EVICTING_REDIS", "maybe"),
+        ("FISCAL_RESULT_DEADLINE_SECONDS", "0"),
     ],
 )
 def test_a_bad_setting_fails_the_cli_with_one_line(env, variable, value):

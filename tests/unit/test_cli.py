@@ -186,14 +186,38 @@ def test_stats(store: DeadLetterStore) -> None:
     store.add(reason="invalid_message", payload="nope", error="not JSON")
     result = run("dlq", "stats", "--json")
     assert result.exit_code == 0
-    assert json.loads(result.stdout) == {
+    stats = json.loads(result.stdout)
+    assert stats == {
         "total": 3,
+        "bytes": store.stats()["bytes"],
         "by_reason": {"invalid_message": 1, "auth_failed": 2},
         "by_brand": {"": 1, "a": 1, "b": 1},
-        "trimmed": 0,
+        "warn_entries": 100_000,
+        "warn_bytes": 1024**3,
+        "over_bound": False,
     }
+    assert stats["bytes"] > 0
     text = run("dlq", "stats").stdout
     assert "total:   3" in text and "auth_failed" in text and "(unknown)" in text
+    assert f"bytes:   {stats['bytes']} = " in text
+    assert "trimmed" not in text and "WARNING" not in text
+
+
+def test_stats_warns_over_the_bound(
+    store: DeadLetterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FISCAL_DLQ_WARN_ENTRIES", "2")
+    get_settings.cache_clear()
+    for _ in range(3):
+        add(store)
+    stats = json.loads(run("dlq", "stats", "--json").stdout)
+    assert (stats["total"], stats["warn_entries"], stats["over_bound"]) == (3, 2, True)
+    result = run("dlq", "stats")
+    assert result.exit_code == 0
+    assert "total:   3 (warns at 2)" in result.stdout
+    [warning] = [line for line in result.stdout.splitlines() if line.startswith("WARNING")]
+    assert "over its bound" in warning and "nothing is dropped" in warning
+    assert len(json.loads(run("dlq", "list", "--json").stdout)) == 3  # all kept
 
 
 # --- dlq replay ------------------------------------------------------------------------
@@ -498,11 +522,11 @@ def test_other_redis_errors_are_one_line(
 def test_bad_setting_is_one_line(
     redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FISCAL_DLQ_MAX_ENTRIES", "lots")
+    monkeypatch.setenv("FISCAL_DLQ_WARN_ENTRIES", "lots")
     get_settings.cache_clear()
     result = run("dlq", "list")
     assert result.exit_code == 1
-    assert one_line(result.stderr).startswith("error: FISCAL_DLQ_MAX_ENTRIES: ")
+    assert one_line(result.stderr).startswith("error: FISCAL_DLQ_WARN_ENTRIES: ")
 
 
 def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

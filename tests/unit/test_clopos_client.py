@@ -144,6 +144,29 @@ def test_401_reauthenticates_once_and_the_retried_call_succeeds():
     assert calls[0] != calls[1]
 
 
+@pytest.mark.parametrize(
+    "status,body",
+    [
+        (403, {"success": False, "error": "forbidden", "message": "token revoked"}),
+        (200, {"success": False, "error": "token_expired", "message": "expired"}),
+        (200, {"success": False, "error": "authentication_failed"}),
+    ],
+)
+def test_any_auth_answer_drops_the_token_and_retries_once_with_a_fresh_one(status, body):
+    calls = []
+
+    def handler(request):
+        calls.append(request.headers["x-token"])
+        if len(calls) == 1:
+            return httpx.Response(status, json=body)
+        return httpx.Response(200, json=envelope())
+
+    client, tokens, _ = make_client(handler)
+    assert client.get_receipt("b1", 7).data["data"]["id"] == 7
+    assert tokens.invalidated == [calls[0]]  # exactly the token that was refused
+    assert len(calls) == 2 and calls[0] != calls[1]
+
+
 def test_401_twice_is_an_auth_error_after_exactly_one_reauth():
     client, tokens, seen = make_client(respond(401, {"success": False, "error": "invalid_token"}))
     with pytest.raises(AuthError):

@@ -26,6 +26,7 @@ CONTRACT_FIELDS = {
     "payload_sha256", "result", "result_id",
 }  # fmt: skip
 GOOD_PAYLOAD = '{"receipt_id": 7, "brand": "acme", "fiscal_id": "F-7"}'
+BY_RESULT_KEYS = "fw:dlq:result:*"  # every by-result key (a pattern, for KEYS)
 
 
 @pytest.fixture
@@ -35,7 +36,13 @@ def redis() -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def store(redis: fakeredis.FakeRedis) -> DeadLetterStore:
-    return DeadLetterStore(redis, max_entries=1000)
+    return DeadLetterStore(redis)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_over_bound_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a process that has not warned yet."""
+    monkeypatch.setattr(dlq, "_last_over_bound_warning", float("-inf"))
 
 
 def add(
@@ -80,6 +87,22 @@ def assert_consistent(store: DeadLetterStore, redis: fakeredis.FakeRedis) -> Non
     assert stats["by_brand"] == by_brand
     for reason in REASONS:
         assert redis.zcard(keys.dlq_by_reason(reason)) == by_reason.get(reason, 0)
+    assert stats["bytes"] == stored_bytes(redis)
+    has_result_id = [i for i, e in entries.items() if e and e["result_id"] is not None]
+    with_result_id = {entries[i]["result_id"]: i for i in has_result_id}  # type: ignore[index]
+    assert len(with_result_id) == len(has_result_id)  # one entry per result id
+    for result_id, entry_id in with_result_id.items():
+        assert redis.get(keys.dlq_by_result(result_id)) == entry_id
+    assert len(redis.keys(BY_RESULT_KEYS)) == len(with_result_id)
+
+
+def stored_bytes(redis: fakeredis.FakeRedis) -> int:
+    """The size of every stored entry JSON string, as Redis counts it (STRLEN)."""
+    return sum(redis.strlen(key) for key in redis.keys(keys.dlq_entry("*")))
+
+
+def over_bound_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("dlq_over_bound")]
 
 
 # --- adding ----------------------------------------------------------------------------
@@ -248,51 +271,330 @@ def test_add_on_a_callers_pipeline(store: DeadLetterStore, redis: fakeredis.Fake
     assert_consistent(store, redis)
 
 
-def test_add_on_a_pipeline_keeps_the_bound(redis: fakeredis.FakeRedis) -> None:
-    store = DeadLetterStore(redis, max_entries=2)
+def test_add_on_a_pipeline_never_trims(redis: fakeredis.FakeRedis) -> None:
+    store = DeadLetterStore(redis, warn_entries=2)
     for _ in range(4):
         with redis.pipeline(transaction=True) as pipe:
             add(store, pipeline=pipe)
             pipe.execute()
-    assert [e["id"] for e in store.list()] == ["dl-4", "dl-3"]
-    assert store.stats()["trimmed"] == 2
+    assert [e["id"] for e in store.list()] == ["dl-4", "dl-3", "dl-2", "dl-1"]
+    assert store.stats()["total"] == 4
+    assert_consistent(store, redis)
 
 
-# --- the bound -------------------------------------------------------------------------
+# --- the warning bound (never a trim) --------------------------------------------------
 
 
-def test_trimming_removes_the_oldest_first(
+def test_more_entries_than_warn_entries_are_all_kept_and_listed(
     redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = DeadLetterStore(redis, max_entries=5)
+    store = DeadLetterStore(redis, warn_entries=5)
     with caplog.at_level(logging.WARNING, logger="worker.dlq"):
         for i in range(8):
             add(store, reason=REASONS[i % 3], brand=f"b{i % 2}")
-    assert [e["id"] for e in store.list()] == ["dl-8", "dl-7", "dl-6", "dl-5", "dl-4"]
-    for gone in ("dl-1", "dl-2", "dl-3"):
-        assert store.get(gone) is None
-        assert redis.exists(keys.dlq_entry(gone)) == 0
+    assert [e["id"] for e in store.list()] == [f"dl-{n}" for n in range(8, 0, -1)]
+    assert all(store.get(f"dl-{n}") is not None for n in range(1, 9))
     stats = store.stats()
-    assert stats["total"] == 5
-    assert stats["trimmed"] == 3
-    assert sum(stats["by_reason"].values()) == sum(stats["by_brand"].values()) == 5
+    assert stats["total"] == 8
+    assert stats["over_bound"] is True
+    assert (stats["warn_entries"], stats["warn_bytes"]) == (5, 1024**3)
+    assert sum(stats["by_reason"].values()) == sum(stats["by_brand"].values()) == 8
     assert_consistent(store, redis)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["dlq_trimmed count=1 max_entries=5"] * 3
+    # the 5th add reached the bound; the later ones are within the same minute
+    assert over_bound_warnings(caplog) == [
+        f"dlq_over_bound entries=5 bytes={stats['bytes'] - sizes_of(redis, 6, 7, 8)} "
+        "warn_entries=5 warn_bytes=1073741824"
+    ]
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
-def test_trim_after_lowering_the_bound_logs_one_line(
+def sizes_of(redis: fakeredis.FakeRedis, *numbers: int) -> int:
+    return sum(redis.strlen(keys.dlq_entry(f"dl-{n}")) for n in numbers)
+
+
+def test_under_the_bound_nothing_is_logged(
+    store: DeadLetterStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="worker.dlq"):
+        for _ in range(3):
+            add(store)
+    assert store.stats()["over_bound"] is False
+    assert caplog.records == []
+
+
+def test_bytes_bound_warns_and_keeps_everything(
     redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    for _ in range(10):
-        add(DeadLetterStore(redis, max_entries=100))
-    store = DeadLetterStore(redis, max_entries=4)
+    store = DeadLetterStore(redis, warn_bytes=3000)
     with caplog.at_level(logging.WARNING, logger="worker.dlq"):
-        assert store.trim() == 6
-    assert [r.getMessage() for r in caplog.records] == ["dlq_trimmed count=6 max_entries=4"]
-    assert store.count() == 4
-    assert redis.get(keys.DLQ_TRIMMED) == "6"
+        for _ in range(3):
+            add(store, payload="y" * 1000)
+    stats = store.stats()
+    assert stats["total"] == 3 and stats["bytes"] >= 3000
+    assert stats["over_bound"] is True
+    assert len(over_bound_warnings(caplog)) == 1
+    assert f"bytes={stats['bytes']} " in over_bound_warnings(caplog)[0]
+
+
+def test_over_bound_warning_again_after_a_minute(
+    redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(dlq.time, "monotonic", lambda: clock[0])
+    store = DeadLetterStore(redis, warn_entries=1)
+    with caplog.at_level(logging.WARNING, logger="worker.dlq"):
+        add(store)
+        clock[0] += 59
+        add(store)
+        clock[0] += 2
+        add(store)
+    assert [m.split(" bytes=")[0] for m in over_bound_warnings(caplog)] == [
+        "dlq_over_bound entries=1",
+        "dlq_over_bound entries=3",
+    ]
+
+
+def test_add_on_a_pipeline_warns_over_the_bound(
+    redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = DeadLetterStore(redis, warn_entries=2)
+    add(store)
+    with caplog.at_level(logging.WARNING, logger="worker.dlq"), redis.pipeline() as pipe:
+        add(store, pipeline=pipe)
+        pipe.execute()
+    assert store.count() == 2
+    [warning] = over_bound_warnings(caplog)
+    assert warning.startswith("dlq_over_bound entries=2 bytes=")
+    assert f"bytes={stored_bytes(redis)} " in warning
+
+
+def test_warn_bounds_must_be_positive(redis: fakeredis.FakeRedis) -> None:
+    with pytest.raises(ValueError, match="warn_entries"):
+        DeadLetterStore(redis, warn_entries=0)
+    with pytest.raises(ValueError, match="warn_bytes"):
+        DeadLetterStore(redis, warn_bytes=0)
+
+
+def test_the_store_has_no_trim(store: DeadLetterStore) -> None:
+    assert not hasattr(store, "trim")
+    assert not hasattr(keys, "DLQ_TRIMMED")
+    assert "trimmed" not in store.stats()
+
+
+# --- the size in bytes -----------------------------------------------------------------
+
+
+def test_bytes_counter_follows_adds_and_every_removal(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    assert store.stats()["bytes"] == 0
+    for i in range(9):
+        add(store, reason="auth_failed" if i % 3 else "receipt_not_found", payload="é" * (i * 40))
+    add(store, payload=GOOD_PAYLOAD, result_id="1700000000000-0")
+    assert store.stats()["bytes"] == stored_bytes(redis) > 0
     assert_consistent(store, redis)
+    store.remove("dl-2")
+    assert store.stats()["bytes"] == stored_bytes(redis)
+    assert store.purge(reason="receipt_not_found") == 3
+    assert store.stats()["bytes"] == stored_bytes(redis)
+    assert store.replay("dl-10", stream="s") is not None
+    assert store.stats()["bytes"] == stored_bytes(redis)
+    assert_consistent(store, redis)
+    assert store.purge() == 5
+    assert store.stats()["bytes"] == 0
+    assert redis.exists(keys.DLQ_BYTES) == 0  # deleted at 0, never negative
+    assert store.remove("dl-3") is None  # removing again changes nothing
+    assert redis.exists(keys.DLQ_BYTES) == 0
+
+
+def test_bytes_counter_never_goes_negative(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    entry_id = add(store)
+    redis.set(keys.DLQ_BYTES, 3)  # damaged: smaller than the entry
+    store.remove(entry_id)
+    assert redis.exists(keys.DLQ_BYTES) == 0
+    assert store.stats()["bytes"] == 0
+    redis.set(keys.DLQ_BYTES, "garbage")
+    assert store.stats()["bytes"] == 0
+    add(store)  # a damaged counter does not stop a dead letter
+    assert store.stats()["bytes"] == stored_bytes(redis)
+
+
+def test_two_mib_payload_is_stored_truncated_and_its_size_counted(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    payload = "z" * (2 * 1024 * 1024)
+    entry_id = store.add(reason="invalid_message", payload=payload, error="huge")
+    entry = store.get(entry_id)
+    assert entry is not None
+    assert entry["payload_truncated"] is True
+    assert entry["payload"] == payload[:TRUNCATED_PAYLOAD_BYTES]
+    assert entry["payload_bytes"] == len(payload)
+    assert entry["payload_sha256"] == hashlib.sha256(payload.encode()).hexdigest()
+    size = store.stats()["bytes"]
+    assert size == redis.strlen(keys.dlq_entry(entry_id))
+    assert TRUNCATED_PAYLOAD_BYTES < size < TRUNCATED_PAYLOAD_BYTES + 2048
+
+
+# --- once per result id ----------------------------------------------------------------
+
+
+def test_add_twice_for_one_result_id_makes_one_entry(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    first = add(store, result_id="1700000000000-0")
+    second = add(store, reason="auth_failed", result_id="1700000000000-0")
+    assert second == first
+    assert store.count() == 1
+    assert store.get(first)["reason"] == "unknown_brand"  # type: ignore[index]
+    other = add(store, result_id="1700000000000-1")
+    assert other != first and store.count() == 2
+    assert_consistent(store, redis)
+
+
+def test_add_twice_on_pipelines_for_one_result_id_makes_one_entry(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    ids = []
+    for _ in range(2):
+        with redis.pipeline(transaction=True) as pipe:
+            pipe.multi()
+            ids.append(add(store, pipeline=pipe, result_id="res-1"))
+            pipe.hincrby(keys.COUNTERS, "dead_lettered", 1)
+            pipe.execute()
+    assert ids[0] == ids[1]
+    assert store.count() == 1
+    assert redis.hget(keys.COUNTERS, "dead_lettered") == "2"  # the caller's own writes ran
+    assert_consistent(store, redis)
+    assert add(store, result_id="res-1") == ids[0]  # and a direct add agrees
+    assert store.count() == 1
+
+
+def test_two_adds_queued_in_one_multi_make_one_entry(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.multi()
+        first = add(store, pipeline=pipe, result_id="res-1")
+        second = add(store, reason="auth_failed", pipeline=pipe, result_id="res-1")
+        pipe.execute()
+    assert second == first
+    assert [e["id"] for e in store.list()] == [first]
+    assert_consistent(store, redis)
+
+
+def test_a_race_between_pipelines_makes_one_entry(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    # Both check before either commits (two processes): the script decides at EXEC.
+    with redis.pipeline(transaction=True) as one, redis.pipeline(transaction=True) as two:
+        first = add(store, pipeline=one, result_id="res-1")
+        second = add(store, pipeline=two, result_id="res-1", reason="auth_failed")
+        assert first != second
+        one.execute()
+        two.execute()
+    assert [e["id"] for e in store.list()] == [first]
+    assert store.get(second) is None
+    assert_consistent(store, redis)
+
+
+def test_a_discarded_pipeline_does_not_hide_a_later_add(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    pipe = redis.pipeline(transaction=True)
+    add(store, pipeline=pipe, result_id="res-1")
+    pipe.reset()  # the caller gave up: nothing was written
+    entry_id = add(store, pipeline=pipe, result_id="res-1")
+    pipe.execute()
+    assert [e["id"] for e in store.list()] == [entry_id]
+
+
+@pytest.mark.parametrize("way_out", ["remove", "purge", "replay"])
+def test_after_its_entry_leaves_a_result_id_can_be_dead_lettered_again(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis, way_out: str
+) -> None:
+    first = add(store, payload=GOOD_PAYLOAD, result_id="res-1")
+    if way_out == "remove":
+        assert store.remove(first) is not None
+    elif way_out == "purge":
+        assert store.purge(reason="unknown_brand") == 1
+    else:
+        assert store.replay(first, stream="s") is not None
+    assert redis.exists(keys.dlq_by_result("res-1")) == 0
+    second = add(store, result_id="res-1")
+    assert second != first
+    assert [e["id"] for e in store.list()] == [second]
+    with redis.pipeline(transaction=True) as pipe:
+        assert add(store, pipeline=pipe, result_id="res-1") == second
+        pipe.execute()
+    assert_consistent(store, redis)
+
+
+def test_a_stale_by_result_key_does_not_block_a_dead_letter(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    redis.set(keys.dlq_by_result("res-1"), "dl-99")  # names no entry in the store
+    with redis.pipeline(transaction=True) as pipe:
+        entry_id = add(store, pipeline=pipe, result_id="res-1")
+        pipe.execute()
+    assert entry_id != "dl-99" and store.get(entry_id) is not None
+    redis.set(keys.dlq_by_result("res-2"), "dl-99")
+    other = add(store, result_id="res-2")
+    assert other not in ("dl-99", entry_id) and store.get(other) is not None
+    assert add(store, result_id="res-2") == other
+    assert store.count() == 2
+    assert_consistent(store, redis)
+
+
+HOSTILE_RESULT_IDS = [
+    "res\nid\r\x00",
+    "r" * 10_000,
+    "résultat-Ω-" + "\u202e",
+    "*",
+    "sha256:" + "0" * 64,  # looks hashed: hashed again
+    "",
+]
+
+
+@pytest.mark.parametrize("result_id", HOSTILE_RESULT_IDS)
+def test_hostile_result_id_works_and_builds_no_key_with_it(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis, result_id: str
+) -> None:
+    first = add(store, payload=GOOD_PAYLOAD, result_id=result_id)
+    assert add(store, result_id=result_id) == first
+    with redis.pipeline(transaction=True) as pipe:
+        assert add(store, pipeline=pipe, result_id=result_id) == first
+        pipe.execute()
+    assert store.count() == 1
+    assert store.get(first)["result_id"] == result_id  # type: ignore[index]
+    digest = hashlib.sha256(result_id.encode()).hexdigest()
+    assert keys.dlq_by_result(result_id) == f"fw:dlq:result:sha256:{digest}"
+    assert redis.get(keys.dlq_by_result(result_id)) == first
+    for key in redis.keys("*"):
+        assert not result_id or result_id not in key, key
+        assert key.isascii() and key.isprintable() and len(key) < 200, key
+    assert_consistent(store, redis)
+    assert store.replay(first, stream="s") is not None
+    assert redis.keys(BY_RESULT_KEYS) == []
+
+
+def test_result_id_key_names() -> None:
+    assert keys.dlq_by_result("1700000000000-0") == "fw:dlq:result:1700000000000-0"
+    assert keys.dlq_by_result("a" * 128) == "fw:dlq:result:" + "a" * 128
+    assert keys.dlq_by_result("a" * 129).startswith("fw:dlq:result:sha256:")
+    assert keys.dlq_by_result("x\n").startswith("fw:dlq:result:sha256:")
+    # an id that looks like a hashed one cannot take that key
+    hashed = keys.dlq_by_result("x\n").removeprefix("fw:dlq:result:")
+    assert keys.dlq_by_result(hashed) != keys.dlq_by_result("x\n")
+
+
+def test_adds_without_a_result_id_are_never_merged(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    assert add(store) != add(store)
+    assert store.count() == 2
+    assert redis.keys(BY_RESULT_KEYS) == []
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -354,12 +656,17 @@ def test_stats_omit_zero_counts(store: DeadLetterStore) -> None:
     add(store, reason="receipt_not_found", brand="b")
     add(store, reason="receipt_not_found", brand="b")
     store.remove(first)
-    assert store.stats() == {
+    stats = store.stats()
+    assert stats == {
         "total": 2,
+        "bytes": stats["bytes"],
         "by_reason": {"receipt_not_found": 2},
         "by_brand": {"b": 2},
-        "trimmed": 0,
+        "warn_entries": 100_000,
+        "warn_bytes": 1024**3,
+        "over_bound": False,
     }
+    assert stats["bytes"] > 0
 
 
 def test_ids_are_oldest_first_and_survive_removal(
@@ -435,7 +742,15 @@ def test_replay_writes_the_exact_payload_and_removes_the_entry(
     assert stream_id is not None
     assert redis.xrange("fiscal:results") == [(stream_id, {"data": payload, "replay_of": entry_id})]
     assert store.get(entry_id) is None
-    assert store.stats() == {"total": 0, "by_reason": {}, "by_brand": {}, "trimmed": 0}
+    assert store.stats() == {
+        "total": 0,
+        "bytes": 0,
+        "by_reason": {},
+        "by_brand": {},
+        "warn_entries": 100_000,
+        "warn_bytes": 1024**3,
+        "over_bound": False,
+    }
     assert store.replay(entry_id, stream="fiscal:results") is None
     assert redis.xlen("fiscal:results") == 1
 

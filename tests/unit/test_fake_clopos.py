@@ -434,6 +434,41 @@ def test_revoke_tokens(api: tuple[FakeClopos, httpx.Client]) -> None:
     assert get(client, token(client), 1).status_code == 200
 
 
+def test_revoke_tokens_with_a_non_401_answer(api: tuple[FakeClopos, httpx.Client]) -> None:
+    fake, client = api
+    first = token(client)
+    fake.revoke_tokens("cafe", status=403)
+    forbidden = get(client, first, 1)
+    assert (forbidden.status_code, error_of(forbidden)) == (403, "forbidden")
+    second = token(client)
+    assert get(client, second, 1).status_code == 200  # a new token is not revoked
+    fake.revoke_tokens("cafe", status=200)
+    expired = patch(client, second, 1, {"fiscal_id": "F"})
+    assert expired.status_code == 200
+    assert expired.json() == {
+        "success": False,
+        "error": "token_expired",
+        "message": "Token has been revoked",
+    }
+    assert fake.receipt("cafe", 1)["fiscal_id"] is None  # nothing applied
+    assert fake.stats()["receipts"]["cafe:1"]["patch"] == 0  # rejected before the receipt
+    fake.revoke_tokens("cafe", status=403, error="token_revoked")
+    assert error_of(get(client, second, 1)) == "token_revoked"
+    with pytest.raises(ValueError):
+        fake.revoke_tokens("cafe", status=1000)
+    response = client.post(
+        "/_fake/faults", json={"kind": "revoke_tokens", "brand": "bistro", "status": 403}
+    )
+    assert response.status_code == 200
+
+
+def test_issued_tokens_lists_every_token(api: tuple[FakeClopos, httpx.Client]) -> None:
+    fake, client = api
+    cafe, bistro = token(client), token(client, "bistro")
+    assert fake.issued_tokens() == [cafe, bistro]
+    assert fake.issued_tokens("bistro") == [bistro]
+
+
 # --- faults --------------------------------------------------------------------------
 
 
@@ -491,6 +526,43 @@ def test_latency_per_receipt(api: tuple[FakeClopos, httpx.Client]) -> None:
     started = time.monotonic()
     assert get(client, tok, 2).status_code == 200
     assert time.monotonic() - started < 0.3
+
+
+def test_slow_next_delays_the_next_calls_once_and_still_applies_them(
+    api: tuple[FakeClopos, httpx.Client],
+) -> None:
+    fake, client = api
+    tok = token(client)
+    fake.slow_next("cafe", 1, 0.5, method="PATCH")
+    started = time.monotonic()
+    assert get(client, tok, 1).status_code == 200  # a GET is not delayed
+    assert time.monotonic() - started < 0.4
+    with pytest.raises(httpx.ReadTimeout):
+        patch(client, tok, 1, {"fiscal_id": "F"}, timeout=0.1)  # the client gives up...
+    wait_until(lambda: fake.receipt("cafe", 1)["fiscal_id"] == "F")  # ...it lands anyway
+    entry = fake.stats()["receipts"]["cafe:1"]
+    assert (entry["patch"], entry["patch_ok"]) == (1, 1)
+    started = time.monotonic()
+    assert patch(client, tok, 1, {"lock": True}).status_code == 200  # only once
+    assert time.monotonic() - started < 0.4
+    fake.slow_next("cafe", 2, 0.3, count=2)
+    for _ in range(2):
+        started = time.monotonic()
+        get(client, tok, 2)
+        assert time.monotonic() - started >= 0.3
+    with pytest.raises(ValueError):
+        fake.slow_next("cafe", 2, 0.3, count=0)
+
+
+def test_patch_ok_counts_only_applied_patches(api: tuple[FakeClopos, httpx.Client]) -> None:
+    fake, client = api
+    tok = token(client)
+    fake.success_false("cafe", 1, "x", method="PATCH")
+    assert patch(client, tok, 1, {"fiscal_id": "F"}).json()["success"] is False
+    assert patch(client, tok, 1, {"fiscal_id": ""}).status_code == 400
+    assert patch(client, tok, 1, {"fiscal_id": "F"}).status_code == 200
+    entry = fake.stats()["receipts"]["cafe:1"]
+    assert (entry["patch"], entry["patch_ok"], len(entry["patched_at"])) == (3, 1, 1)
 
 
 def test_appear_after(api: tuple[FakeClopos, httpx.Client]) -> None:
@@ -603,12 +675,16 @@ def test_stats_and_request_log(api: tuple[FakeClopos, httpx.Client]) -> None:
     assert stats["auth_calls"] == {"cafe": 1}
     assert stats["requests"] == {"cafe": 3}
     assert stats["failed"] == {"cafe": 1}
-    assert stats["receipts"]["cafe:1"] == {
+    entry = stats["receipts"]["cafe:1"]
+    patched_at = entry.pop("patched_at")
+    assert entry == {
         "get": 1,
         "patch": 1,
         "patch_bodies": [{"fiscal_id": "F"}],
         "max_concurrent_patches": 1,
+        "patch_ok": 1,
     }
+    assert len(patched_at) == 1 and started <= patched_at[0] <= time.time()
     log = stats["request_log"]
     assert [entry[1:] for entry in log] == [
         ["POST", "cafe", None, 200],
@@ -665,6 +741,7 @@ def test_every_fault_kind_over_http(api: tuple[FakeClopos, httpx.Client]) -> Non
         {"kind": "close_after", "brand": "cafe", "receipt_id": 3, "seconds": 0.1},
         {"kind": "fail_brand", "brand": "cafe", "status": 500, "count": 1},
         {"kind": "reject_auth", "brand": "bistro"},
+        {"kind": "slow_next", "brand": "cafe", "receipt_id": 4, "seconds": 0.01},
     ]
     for body in kinds:
         response = client.post("/_fake/faults", json=body)

@@ -39,3 +39,10 @@ def test_auth_is_bounded_by_attempts():
 def test_rate_limit_wait_is_what_the_server_asked_plus_a_little():
     waits = [POLICY.rate_limit_wait(7) for _ in range(100)]
     assert all(7 <= w <= 7.5 for w in waits)
+
+
+def test_backoff_after_thousands_of_failures_stays_finite_and_capped():
+    # 2 ** 1024 overflows a float: a result failing for days must still get a delay.
+    for failures in (1_025, 10_000, 10**9):
+        assert POLICY.floor <= POLICY.backoff(failures, 30) <= 30
+    assert POLICY.transient(failures=5_000, since=0, now=10).due is not None

@@ -21,7 +21,7 @@ def r():
 
 @pytest.fixture
 def store(r):
-    return ResultStore(r, record_ttl=3600, rate=POLICY, queue_lease=120, run_lease=60)
+    return ResultStore(r, rate=POLICY, lifetime=3600, queue_lease=120, run_lease=60)
 
 
 def add(store, rid, receipt_id=1, brand="b"):
@@ -99,9 +99,132 @@ def test_begin_runs_only_the_current_dispatch(r, store):
     assert store.begin("r1", claimed.dispatch, NOW) == "gone"
 
 
-def test_orphans_in_the_schedule_are_dropped(r, store):
+def test_an_orphan_in_the_schedule_is_kept_and_reported_not_dropped(r, store):
     r.zadd(keys.SCHEDULE, {"ghost": NOW - 1})
-    assert store.admit_due(NOW, 10).handled == 0
+    admission = store.admit_due(NOW, 10)
+    assert admission.orphans == ["ghost"] and admission.handled == 0
+    # Kept (for the dispatcher to dead-letter), and not looked at again in every pass.
+    assert r.zscore(keys.SCHEDULE, "ghost") == pytest.approx(NOW + 60)
+    assert store.admit_due(NOW + 1, 10).orphans == []
+
+
+def test_a_live_record_never_expires_and_carries_its_deadline(r, store):
+    add(store, "r1")
+    assert r.ttl(keys.result("r1")) == -1
+    assert float(r.hget(keys.result("r1"), "deadline")) == pytest.approx(NOW + 3600)
+
+
+def test_begin_removes_the_ttl_an_older_version_gave_a_record(r, store):
+    add(store, "r1")
+    r.expire(keys.result("r1"), 100)
+    [claimed] = store.admit(["r1"], NOW).publish
+    record = store.begin("r1", claimed.dispatch, NOW)
+    assert r.ttl(keys.result("r1")) == -1
+    assert not isinstance(record, str) and record.deadline == pytest.approx(NOW + 3600)
+
+
+def test_a_result_past_its_deadline_is_published_at_once_whatever_holds_it(r, store):
+    r.set(keys.rate_prefix("b") + "pause", str(NOW + 10_000))
+    add(store, "r1")
+    assert store.admit(["r1"], NOW).parked == 1
+    assert r.zscore(keys.SCHEDULE, "r1") <= NOW + 3600  # never parked past the deadline
+    assert [c.rid for c in store.admit_due(NOW + 3600, 10).publish] == ["r1"]
+
+
+def test_a_reserved_slot_beyond_the_deadline_parks_only_until_the_deadline(r, store):
+    r.set(keys.rate_prefix("b") + "tat", str(NOW + 7200))  # a two-hour backlog
+    add(store, "r1")
+    assert store.admit(["r1"], NOW).parked == 1
+    assert r.zscore(keys.SCHEDULE, "r1") == pytest.approx(NOW + 3600)
+
+
+def test_a_result_under_way_reserves_ahead_of_the_queue(r, store):
+    r.set(keys.rate_prefix("b") + "tat", str(NOW + 500))  # the brand's backlog
+    add(store, "r1")
+    r.hset(keys.result("r1"), mapping={"first": "1", "not_ready_since": str(NOW - 5)})
+    [claimed] = store.admit(["r1"], NOW).publish  # no wait behind the backlog
+    assert claimed.rid == "r1"
+    assert r.hget(keys.result("r1"), "slots") == "2"  # its GET and its PATCH
+    assert tat(r) == pytest.approx(NOW + 500 + 2 * 60 / 59, abs=1e-3)  # the queue moves back
+
+
+def test_hold_renews_only_queued_or_running_results_of_the_same_dispatch(r, store):
+    for rid in ("queued", "running", "parked", "stale"):
+        add(store, rid)
+    store.admit(["queued", "running", "parked", "stale"], NOW)  # spread over slots
+    for rid in ("queued", "running", "parked", "stale"):
+        r.hset(keys.result(rid), mapping={"dispatch": "1", "state": "queued"})
+    r.hset(keys.result("running"), "state", "running")
+    r.hset(keys.result("parked"), "state", "parked")
+    before = {rid: r.zscore(keys.SCHEDULE, rid) for rid in ("parked", "stale")}
+    held = [("queued", 1), ("running", 1), ("parked", 1), ("stale", 0), ("gone", 1)]
+    assert store.hold(held, NOW + 30) == 2
+    assert r.zscore(keys.SCHEDULE, "queued") == r.zscore(keys.SCHEDULE, "running") == NOW + 30
+    assert {rid: r.zscore(keys.SCHEDULE, rid) for rid in ("parked", "stale")} == before
+    assert r.zscore(keys.SCHEDULE, "gone") is None
+
+
+def begun(store, rid="r1"):
+    add(store, rid)
+    [claimed] = store.admit([rid], NOW).publish
+    record = store.begin(rid, claimed.dispatch, NOW)
+    assert not isinstance(record, str)
+    return record
+
+
+def test_fence_extends_lock_and_lease_only_for_the_holder_of_both(r, store):
+    from worker.idempotency import ReceiptLock
+
+    record = begun(store)
+    lock = ReceiptLock(r, "b", 1, "r1:1", seconds=10)
+    assert lock.acquire()
+    assert store.fence(record, lock, NOW + 5) == "ok"
+    assert r.pttl(keys.receipt_lock("b", 1)) > 9_000
+    assert r.zscore(keys.SCHEDULE, "r1") == pytest.approx(NOW + 5 + 60)
+    r.set(keys.receipt_lock("b", 1), "someone-else")
+    assert store.fence(record, lock, NOW + 6) == "lock_lost"
+    r.hincrby(keys.result("r1"), "dispatch", 1)
+    assert store.fence(record, lock, NOW + 7) == "superseded"
+
+
+def test_a_fenced_write_of_a_superseded_run_writes_nothing(r, store):
+    from worker.store import Superseded
+
+    record = begun(store)
+    r.hincrby(keys.result("r1"), "dispatch", 1)  # its lease lapsed; published again
+    with pytest.raises(Superseded), store.fenced(record) as pipe:
+        store.park(record, NOW + 10, pipe)
+    assert r.hget(keys.result("r1"), "state") == "running"
+
+
+def test_a_fenced_write_never_recreates_a_finished_record(r, store):
+    from worker.store import Superseded
+
+    record = begun(store)
+    pipe = r.pipeline()
+    store.forget("r1", pipe)
+    pipe.execute()
+    with pytest.raises(Superseded), store.fenced(record) as pipe:
+        store.park(record, NOW + 10, pipe)
+    assert not r.exists(keys.result("r1")) and r.zscore(keys.SCHEDULE, "r1") is None
+
+
+def test_a_fenced_write_raced_by_a_new_dispatch_is_aborted(r, store):
+    from worker.store import Superseded
+
+    record = begun(store)
+    with pytest.raises(Superseded), store.fenced(record) as pipe:
+        r.hincrby(keys.result("r1"), "dispatch", 1)  # another process, between WATCH and EXEC
+        store.park(record, NOW + 10, pipe)
+    assert r.hget(keys.result("r1"), "state") == "running"
+
+
+def test_reschedule_lost_puts_back_only_records_without_an_entry(r, store):
+    add(store, "r1")
+    add(store, "r2")
+    r.zrem(keys.SCHEDULE, "r2")
+    assert store.reschedule_lost(["r1", "r2", "ghost"], NOW + 5) == ["r2"]
+    assert r.zscore(keys.SCHEDULE, "r2") == NOW + 5
     assert r.zscore(keys.SCHEDULE, "ghost") is None
 
 

@@ -13,7 +13,8 @@ from support import Clock
 from worker import keys
 from worker.clopos import Token
 from worker.errors import AuthError, TransientError
-from worker.tokens import TokenProvider, is_fresh, reuse_margin
+from worker.ratelimit import AUTH_MAX_WAIT_SECONDS
+from worker.tokens import TokenProvider, is_fresh, refresh_lock_seconds, reuse_margin
 
 
 class Auth:
@@ -122,7 +123,28 @@ def test_waiters_do_not_call_auth_while_another_refreshes(r):
 
 
 def test_waiting_too_long_for_another_refresh_is_transient(r):
-    r.set(keys.token_refresh_lock("b1"), "someone-else", px=60_000)
-    provider = TokenProvider(r, Auth(Clock()), wait_seconds=0.2)
+    clock = Clock()
+    r.set(keys.token_refresh_lock("b1"), "someone-else", px=600_000)
+    provider = TokenProvider(
+        r,
+        Auth(clock),
+        lock_seconds=2.0,
+        clock=clock,
+        sleep=lambda s: setattr(clock, "now", clock.now + s),
+    )
     with pytest.raises(TransientError):
         provider.get("b1")
+    assert clock.now - 1_000_000.0 >= 2.0  # it waited at least as long as a refresh may take
+
+
+def test_the_refresh_lock_outlives_the_longest_refresh(r):
+    # The longest refresh: an auth-budget wait, then one /v2/auth with its timeouts.
+    assert refresh_lock_seconds(5.0, 12.0) >= AUTH_MAX_WAIT_SECONDS + 5.0 + 12.0
+    seen = []
+
+    def authenticate(brand: str) -> Token:
+        seen.append(r.pttl(keys.token_refresh_lock(brand)))
+        return Token("tok-1", 1e12, 3600.0)
+
+    TokenProvider(r, authenticate, lock_seconds=refresh_lock_seconds(5.0, 12.0)).get("b1")
+    assert seen and seen[0] > (AUTH_MAX_WAIT_SECONDS + 5.0 + 12.0) * 1000
