@@ -423,7 +423,26 @@ def stats(as_json: bool) -> None:
         console.print(
             "counters: " + ", ".join(f"{_clean(k)} {v}" for k, v in sorted(counters.items()))
         )
-    console.print(f"dead letters: {state['dead_letters'].get('total', 0)}")
+    dead = state["dead_letters"]
+    console.print(
+        f"dead letters: {dead.get('total', 0)} ({dead.get('bytes', 0)} bytes)"
+        + (
+            "  WARNING: over the store's bound (nothing is dropped)"
+            if dead.get("over_bound")
+            else ""
+        )
+    )
+    memory = state["redis"]
+    console.print(
+        f"redis: maxmemory-policy {memory['maxmemory_policy'] or 'unknown'}, used "
+        f"{memory['used_memory']} bytes of {memory['maxmemory'] or 'no limit'}; "
+        f"workers alive: {state['workers']}"
+    )
+    if memory["evicting"]:
+        console.print(
+            "WARNING: an evicting maxmemory-policy can delete unfinished results; "
+            "set it to noeviction"
+        )
     table = Table(box=None, pad_edge=False)
     for column in (
         "brand",

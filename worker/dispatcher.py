@@ -70,8 +70,13 @@ class Dispatcher:
         if room <= 0:
             return 0
         admission = self.store.admit_due(self.clock(), min(room, BATCH))
-        for item in admission.publish:
-            self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
+        published = []
+        try:
+            for item in admission.publish:
+                self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
+                published.append(item)
+        finally:  # in the queue now: leased for as long as a message may wait there
+            self.store.published(published, self.clock())
         for rid in admission.orphans:
             self.dead_letter_orphan(rid)
         if admission.handled:

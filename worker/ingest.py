@@ -353,11 +353,17 @@ class IngestConsumer:
         except Exception as exc:
             log.warning(kv("ingest_admit_failed", count=len(created), error=_describe(exc)))
             return
+        published = []
         for item in admission.publish:
             try:
                 self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
-            except Exception as exc:  # its queue lease lapses; the dispatcher publishes it
+                published.append(item)
+            except Exception as exc:  # its publish lease lapses; the dispatcher publishes it
                 log.warning(kv("ingest_publish_failed", rid=item.rid, error=_describe(exc)))
+        try:
+            self.store.published(published, now)
+        except Exception as exc:  # they keep the short publish lease: re-driven if not run
+            log.warning(kv("ingest_published_failed", count=len(published), error=_describe(exc)))
 
     def _ack_recorded(self, recorded: list[Entry], outcome: Settled) -> None:
         pipe = self.store.redis.pipeline(transaction=True)

@@ -146,5 +146,11 @@ def dlq_by_brand(brand: str) -> str:
     return f"{PREFIX}:dlq:brand:{brand}"
 
 
+def worker_heartbeat(name: str) -> str:
+    """string: one live worker process's last heartbeat (JSON: at, held); TTL three beats.
+    Bounded by the live workers."""
+    return f"{PREFIX}:worker:{name}"
+
+
 # hash: name -> count; monotonic counters for the CLI, the demo and metrics (fixed names).
 COUNTERS = f"{PREFIX}:counters"

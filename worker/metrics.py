@@ -15,6 +15,9 @@ The state is shared by every worker process, so one exporter serves the whole de
     fiscal_brand_paused{brand}                 1 while paused after a 429
     fiscal_brand_others_estimate{brand}        budget used by other clients, estimated
     fiscal_brand_calls_in_window{brand}        our calls in the current window
+    fiscal_redis_evicting_policy               1 under an evicting maxmemory-policy (alert)
+    fiscal_redis_used_memory_bytes / _maxmemory_bytes   Redis memory and its limit
+    fiscal_workers_alive                       worker processes with a live heartbeat
 """
 
 from __future__ import annotations
@@ -49,6 +52,21 @@ class RedisStateCollector(Collector):
             ("fiscal_ingest_stream_pending", "stream_pending", "Entries read but not settled"),
         ]:
             yield GaugeMetricFamily(name, text, value=results[key])
+        memory = state["redis"]
+        yield GaugeMetricFamily(
+            "fiscal_redis_evicting_policy",
+            "1 while Redis' maxmemory-policy may evict the worker's state (must be noeviction)",
+            value=float(memory["evicting"]),
+        )
+        yield GaugeMetricFamily(
+            "fiscal_redis_used_memory_bytes", "Redis used_memory", value=memory["used_memory"]
+        )
+        yield GaugeMetricFamily(
+            "fiscal_redis_maxmemory_bytes", "Redis maxmemory (0: none)", value=memory["maxmemory"]
+        )
+        yield GaugeMetricFamily(
+            "fiscal_workers_alive", "Worker processes with a live heartbeat", value=state["workers"]
+        )
         events = CounterMetricFamily("fiscal_events", "Pipeline events", labels=["event"])
         for event, count in sorted(state["counters"].items()):
             events.add_metric([event], count)

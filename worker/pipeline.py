@@ -386,6 +386,7 @@ class Fiscaliser:
     def _not_ready(self, record: ResultRecord, exc: NotReadyError) -> Outcome:
         now = self.clock()
         record.failures += 1
+        record.first = False  # a retry's GET queues behind the brand's backlog
         record.not_ready_since = record.not_ready_since or now
         record.not_found = exc.http_status == 404 or exc.error_code == "not_found"
         retry = self.policy.not_ready(record.failures, record.not_ready_since, now)

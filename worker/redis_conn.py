@@ -13,6 +13,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from worker.logs import register_secret
 from worker.settings import ENV_PREFIX, Settings, SettingsError, get_settings
 
 SOCKET_TIMEOUT_SECONDS = 5.0  # a command that takes longer is a failure, not a hang
@@ -66,6 +67,7 @@ def redis_client(settings: Settings | None = None, *, decode_responses: bool = T
             except ValueError:
                 # redis-py's message may quote the URL, and with it the password.
                 raise SettingsError(f"{ENV_PREFIX}REDIS_URL: not a valid Redis URL") from None
+            register_secret(_password(settings))  # masked in every log line from now on
             _clients[key] = client
     return client
 

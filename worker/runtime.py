@@ -82,6 +82,7 @@ def build_runtime(settings: Settings) -> Runtime:
         rate=rate,
         queue_lease=settings.queue_lease_seconds,
         run_lease=settings.run_lease_seconds,
+        publish_lease=settings.worker_lease_seconds,
     )
     dlq = DeadLetterStore(
         r, warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes

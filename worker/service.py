@@ -20,6 +20,7 @@ stream or due in the schedule, for this or another worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from collections.abc import Callable
 
 import redis
 
+from worker import keys
 from worker.dispatcher import Dispatcher, Publish
 from worker.ingest import IngestConsumer
 from worker.logs import kv
@@ -133,10 +135,18 @@ class WorkerService:
             self.stopping.wait(settings.worker_heartbeat_seconds)
 
     def beat(self) -> int:
-        """Keep the results this worker holds leased for another worker_lease_seconds."""
+        """Keep the results this worker holds leased for another worker_lease_seconds, and
+        say it is alive (for `fiscal-worker stats`)."""
+        settings = self.runtime.settings
         held = self.held()
-        lease_until = time.time() + self.runtime.settings.worker_lease_seconds
-        return self.runtime.store.hold(held, lease_until)
+        now = time.time()
+        renewed = self.runtime.store.hold(held, now + settings.worker_lease_seconds)
+        self.runtime.redis.set(
+            keys.worker_heartbeat(self.consumer.consumer),
+            json.dumps({"at": round(now, 3), "held": len(held)}),
+            px=int(settings.worker_heartbeat_seconds * 3000),
+        )
+        return renewed
 
     def _check_policy(self) -> None:
         policy = maxmemory_policy(self.runtime.redis)

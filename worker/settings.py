@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.logs import register_secret
+
 ENV_PREFIX = "FISCAL_"
 BRAND_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DAY = 86_400
@@ -168,6 +170,7 @@ def load_credentials_file(path: Path | None) -> dict[str, BrandCredentials]:
             raise SettingsError(f"{var}: brand {brand[:70]!r} is not 1-64 chars of A-Za-z0-9_.-")
         try:
             credentials[brand] = BrandCredentials.model_validate(entry)
+            register_secret(credentials[brand].client_secret.get_secret_value())
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "entry"

@@ -16,6 +16,7 @@ from worker import keys
 from worker.breaker import CircuitBreaker
 from worker.dlq import DeadLetterStore
 from worker.ratelimit import BrandBudget, RatePolicy
+from worker.redis_conn import is_evicting, maxmemory_policy
 from worker.settings import Settings, SettingsError
 
 
@@ -30,6 +31,21 @@ def known_brands(r: redis.Redis, settings: Settings) -> list[str]:
         if not key.endswith(":probe"):
             brands.add(key[len(keys.breaker("")) :])
     return sorted(brands)
+
+
+def redis_state(r: redis.Redis) -> dict[str, Any]:
+    """The memory settings that decide whether Redis may lose the worker's state."""
+    try:
+        memory = r.info("memory")
+    except redis.ResponseError:
+        memory = {}
+    policy = maxmemory_policy(r)
+    return {
+        "maxmemory_policy": policy,
+        "evicting": is_evicting(policy),
+        "used_memory": int(memory.get("used_memory", 0) or 0),
+        "maxmemory": int(memory.get("maxmemory", 0) or 0),  # 0 = no limit
+    }
 
 
 def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
@@ -47,6 +63,8 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
         pending_entries = 0  # no group yet: no worker has run
     counters = {k: int(v) for k, v in r.hgetall(keys.COUNTERS).items()}
     return {
+        "redis": redis_state(r),
+        "workers": sum(1 for _ in r.scan_iter(match=keys.worker_heartbeat("*"), count=500)),
         "results": {
             "unfinished": int(r.zcard(keys.SCHEDULE)),
             "due": int(r.zcount(keys.SCHEDULE, "-inf", now)),

@@ -5,9 +5,11 @@ Each accepted result is a hash (keys.result) plus one member of a sorted set
 `state` says which kind of score it is:
 
     due       score <= now                 admission (`admit_due`) publishes it or parks it
-    queued    score = now + QUEUE_LEASE    published to Celery, waiting in the queue; once a
-                                           worker receives it, now + WORKER_LEASE, renewed by
-                                           that worker's heartbeat (`hold`)
+    queued    score = now + WORKER_LEASE   admitted, being published: a publisher that dies
+                                           before the message is in the queue frees it soon
+              score = now + QUEUE_LEASE    published (`published`), waiting in the queue
+              score = now + WORKER_LEASE   received by a worker, renewed by that worker's
+                                           heartbeat (`hold`)
     running   score = now + RUN_LEASE      a task has it; renewed before every API call
                                            (`fence`) and by the heartbeat
     parked    score = retry due time       waiting out a backoff, a 429, a busy receipt or
@@ -207,6 +209,25 @@ end
 return renewed
 """
 
+# KEYS: schedule, then one result hash per published result. ARGV: the publish lease they
+# were admitted with, the queue lease, then (rid, dispatch) pairs. Their messages are in the
+# queue: lease them for as long as a message may wait there, unless a worker already
+# received one (its hold changed the score: that worker's heartbeat owns the lease now).
+_PUBLISHED = """
+local extended = 0
+for i = 2, #KEYS do
+  local rid, dispatch = ARGV[2 * i - 1], ARGV[2 * i]
+  local meta = redis.call('HMGET', KEYS[i], 'dispatch', 'state')
+  local score = redis.call('ZSCORE', KEYS[1], rid)
+  if meta[1] == dispatch and meta[2] == 'queued' and score
+      and tonumber(score) == tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], ARGV[2], rid)
+    extended = extended + 1
+  end
+end
+return extended
+"""
+
 # KEYS: receipt lock, result hash, schedule. ARGV: lock token, lock ms, rid, dispatch,
 # lease-until. Right before a request is sent: this run must still be the result's current
 # dispatch and hold the receipt's lock (a fencing check); both are extended, atomically.
@@ -320,6 +341,7 @@ class Claimed:
     dispatch: int
     brand: str
     receipt_id: str
+    lease_until: float = 0.0  # the publish lease admission gave it
 
 
 @dataclass(frozen=True)
@@ -363,18 +385,21 @@ class ResultStore:
         lifetime: float = DEFAULT_LIFETIME_SECONDS,
         queue_lease: float = QUEUE_LEASE_SECONDS,
         run_lease: float = RUN_LEASE_SECONDS,
+        publish_lease: float = HELD_LEASE_SECONDS,
     ) -> None:
         self.redis = redis_client
         self.lifetime = lifetime
         self.rate = rate
         self.queue_lease = queue_lease
         self.run_lease = run_lease
+        self.publish_lease = publish_lease
         self._create = redis_client.register_script(_CREATE)
         self._admit = redis_client.register_script(_ADMIT)
         self._begin = redis_client.register_script(_BEGIN)
         self._renew = redis_client.register_script(_RENEW)
         self._hold = redis_client.register_script(_HOLD)
         self._fence = redis_client.register_script(_FENCE)
+        self._published = redis_client.register_script(_PUBLISHED)
         self._reschedule = redis_client.register_script(_RESCHEDULE)
 
     def create(
@@ -412,13 +437,14 @@ class ResultStore:
         return self._run_admit("ids", now, len(rids), rids) if rids else Admission([], 0)
 
     def _run_admit(self, mode: str, now: float, limit: int, rids: list[str]) -> Admission:
+        lease_until = now + self.publish_lease
         parked, orphans, flat = self._admit(
             keys=[keys.SCHEDULE],
             args=[
                 mode,
                 repr(now),
                 limit,
-                repr(now + self.queue_lease),
+                repr(lease_until),
                 keys.result(""),
                 keys.RATE_PREFIX,
                 *self.rate.lua_args(),
@@ -431,7 +457,13 @@ class ResultStore:
             ],
         )
         publish = [
-            Claimed(_text(flat[i]), int(flat[i + 1]), _text(flat[i + 2]), _text(flat[i + 3]))
+            Claimed(
+                _text(flat[i]),
+                int(flat[i + 1]),
+                _text(flat[i + 2]),
+                _text(flat[i + 3]),
+                lease_until,
+            )
             for i in range(0, len(flat), 4)
         ]
         return Admission(publish, int(parked), [_text(rid) for rid in orphans])
@@ -464,6 +496,22 @@ class ResultStore:
             self._hold(
                 keys=[keys.SCHEDULE, *(keys.result(rid) for rid, _ in held)],
                 args=[repr(lease_until), *(str(v) for pair in held for v in pair)],
+            )
+        )
+
+    def published(self, claimed: list[Claimed], now: float) -> int:
+        """These admitted results' messages are in the Celery queue: lease them for as long
+        as a message may wait there (the queue lease), unless a worker has received them."""
+        if not claimed:
+            return 0
+        return int(
+            self._published(
+                keys=[keys.SCHEDULE, *(keys.result(c.rid) for c in claimed)],
+                args=[
+                    repr(claimed[0].lease_until),
+                    repr(now + self.queue_lease),
+                    *(str(v) for c in claimed for v in (c.rid, c.dispatch)),
+                ],
             )
         )
 

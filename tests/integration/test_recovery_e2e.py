@@ -4,6 +4,7 @@ results whose task message is lost are re-driven from their record in Redis."""
 from __future__ import annotations
 
 import json
+import time
 
 from support import closed, dlq_entries, patches, run_cli, wait_finished, wait_for, xadd
 
@@ -112,3 +113,35 @@ def test_stream_entry_of_a_dead_consumer_is_claimed_by_a_live_one(r, fake, start
     wait_finished(r, timeout=30)
     assert patches(fake, B, 36) == [{"fiscal_id": "F-36", "lock": True}]
     assert r.xpending("fiscal:results", keys.INGEST_GROUP)["pending"] == 0
+
+
+def test_results_a_killed_worker_held_are_re_driven_after_its_lease_not_the_queue_lease(
+    r, fake, start_worker
+):
+    # Only the worker's heartbeat lease (4 s) can bring these back soon: the queue lease of a
+    # published message is 300 s, as long as a message may sit in a long queue.
+    leases = {
+        "FISCAL_QUEUE_LEASE_SECONDS": "300",
+        "FISCAL_RUN_LEASE_SECONDS": "4",
+        "FISCAL_WORKER_LEASE_SECONDS": "4",
+        "FISCAL_WORKER_HEARTBEAT_SECONDS": "1",
+    }
+    receipts = range(41, 47)
+    for receipt_id in receipts:
+        fake.add_receipt(B, closed(receipt_id))
+    fake.set_latency(3.0, brand=B, method="GET")
+    w1 = start_worker("w1", concurrency=2, **leases)
+    for receipt_id in receipts:
+        xadd(r, {"receipt_id": receipt_id, "brand": B, "fiscal_id": f"F-{receipt_id}"})
+    wait_for(lambda: r.hlen("unacked") >= 2, timeout=20, what="w1 holds messages")
+    held = r.hlen("unacked")
+    w1.kill()
+    killed = time.monotonic()
+    fake.set_latency(0.0, brand=B, method="GET")
+    start_worker("w2", concurrency=2, **leases)
+    wait_finished(r, timeout=60)
+    recovery = time.monotonic() - killed
+    print(f"\nheld by the killed worker: {held}; all fiscalised {recovery:.1f} s after the kill")
+    assert recovery < 30
+    for receipt_id in receipts:
+        assert patches(fake, B, receipt_id) == [{"fiscal_id": f"F-{receipt_id}", "lock": True}]

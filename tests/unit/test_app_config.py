@@ -26,3 +26,19 @@ def test_app_is_json_only_and_at_least_once():
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["['json']", "json", "True", "True", "1", "True", "True"]
+
+
+def test_client_secrets_and_the_redis_password_are_masked_in_every_log_line(tmp_path):
+    import json
+
+    from worker.logs import redact
+    from worker.redis_conn import redis_client, reset_clients
+    from worker.settings import Settings, load_credentials_file
+
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps({"b1": {"client_id": "c", "client_secret": "s3cr3t-value-77"}}))
+    load_credentials_file(creds)
+    redis_client(Settings(redis_url="redis://:redis-pw-9911@127.0.0.1:1/0"))
+    reset_clients()
+    line = redact("auth with s3cr3t-value-77 at redis://:redis-pw-9911@host")
+    assert "s3cr3t-value-77" not in line and "redis-pw-9911" not in line

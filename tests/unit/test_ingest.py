@@ -352,9 +352,9 @@ def test_publish_failure_after_create_still_acknowledges(rig: Rig, error: Except
     assert rig.recorded() == set(ids), "in the schedule: the dispatcher re-drives them"
     assert rig.in_stream() == set() and rig.pending() == {}
     assert rig.dead_letters() == []
-    for rid in ids:  # leased as queued: when the lease lapses the dispatcher publishes again
+    for rid in ids:  # only the short publish lease: it lapses and the dispatcher publishes
         assert rig.text.zscore(keys.SCHEDULE, rid) == pytest.approx(
-            rig.clock.now + rig.store.queue_lease
+            rig.clock.now + rig.store.publish_lease
         )
 
 

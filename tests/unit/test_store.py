@@ -47,7 +47,9 @@ def test_admission_publishes_what_has_a_slot_now_and_parks_the_rest(r, store):
     admission = store.admit_due(NOW, 10)
     assert [c.rid for c in admission.publish] == ["r0"]  # 2 slots each: r1 starts ~2 s later
     assert admission.parked == 3
-    assert r.zscore(keys.SCHEDULE, "r0") == pytest.approx(NOW + 120)  # queue lease
+    assert r.zscore(keys.SCHEDULE, "r0") == pytest.approx(NOW + 30)  # publish lease
+    assert store.published(admission.publish, NOW + 0.1) == 1  # in the queue now
+    assert r.zscore(keys.SCHEDULE, "r0") == pytest.approx(NOW + 0.1 + 120)  # queue lease
     assert r.zscore(keys.SCHEDULE, "r1") == pytest.approx(NOW + 2 * 60 / 59 - 1, abs=1e-3)
     assert tat(r) == pytest.approx(NOW + 8 * 60 / 59, abs=1e-3)
     assert store.admit_due(NOW, 10).handled == 0  # nothing due again before its slot
@@ -158,10 +160,18 @@ def test_hold_renews_only_queued_or_running_results_of_the_same_dispatch(r, stor
     r.hset(keys.result("parked"), "state", "parked")
     before = {rid: r.zscore(keys.SCHEDULE, rid) for rid in ("parked", "stale")}
     held = [("queued", 1), ("running", 1), ("parked", 1), ("stale", 0), ("gone", 1)]
-    assert store.hold(held, NOW + 30) == 2
-    assert r.zscore(keys.SCHEDULE, "queued") == r.zscore(keys.SCHEDULE, "running") == NOW + 30
+    assert store.hold(held, NOW + 45) == 2
+    assert r.zscore(keys.SCHEDULE, "queued") == r.zscore(keys.SCHEDULE, "running") == NOW + 45
     assert {rid: r.zscore(keys.SCHEDULE, rid) for rid in ("parked", "stale")} == before
     assert r.zscore(keys.SCHEDULE, "gone") is None
+
+
+def test_published_leaves_alone_a_result_a_worker_received_first(r, store):
+    add(store, "r1")
+    [claimed] = store.admit(["r1"], NOW).publish
+    assert store.hold([("r1", claimed.dispatch)], NOW + 5) == 1  # received before we knew
+    assert store.published([claimed], NOW + 0.1) == 0
+    assert r.zscore(keys.SCHEDULE, "r1") == NOW + 5  # the receiver's heartbeat owns it
 
 
 def begun(store, rid="r1"):
