@@ -22,6 +22,21 @@ from worker import keys
 LOCK_SECONDS = 120.0  # > a GET + auth + PATCH with their timeouts (~60 s worst case)
 # (a setting: FISCAL_RECEIPT_LOCK_SECONDS)
 
+# KEYS: the lock. ARGV: token, ttl ms, "<rid>:", dispatch. Take a free lock; or one that an
+# older dispatch of the same result holds: that run is dead or superseded (its fence fails),
+# and a request it may still have in flight carries this same result's fiscal id.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[3]) == ARGV[3] then
+  local older = tonumber(string.match(string.sub(held, #ARGV[3] + 1), '^(%d+):'))
+  if older and older < tonumber(ARGV[4]) then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -38,18 +53,26 @@ class ReceiptLock:
         redis_client: redis.Redis,
         brand: str,
         receipt_id: int,
-        owner: str,
+        rid: str,
+        dispatch: int,
         seconds: float = LOCK_SECONDS,
     ) -> None:
         self.redis = redis_client
         self.ttl_ms = int(seconds * 1000)
         self.key = keys.receipt_lock(brand, receipt_id)
-        self.token = f"{owner}:{secrets.token_hex(6)}"
+        self.rid, self.dispatch = rid, dispatch
+        self.token = f"{rid}:{dispatch}:{secrets.token_hex(6)}"
+        self._acquire = redis_client.register_script(_ACQUIRE)
         self._release = redis_client.register_script(_RELEASE)
         self._extend = redis_client.register_script(_EXTEND)
 
     def acquire(self) -> bool:
-        return bool(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        """Take the lock if it is free or held by an older dispatch of this same result."""
+        return bool(
+            self._acquire(
+                keys=[self.key], args=[self.token, self.ttl_ms, f"{self.rid}:", self.dispatch]
+            )
+        )
 
     def extend(self) -> bool:
         """Renew the full TTL if still ours; False means another worker may hold it now."""

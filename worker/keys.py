@@ -38,6 +38,7 @@ def token_auth_failure(brand: str) -> str:
 def rate_prefix(brand: str) -> str:
     """Prefix of the brand's rate-budget keys (worker/ratelimit.py):
     <prefix>tat     string: next free call slot (unix s); TTL = until it + one window
+    <prefix>front   string: next slot ahead of the queue, for results under way; same TTL
     <prefix>pause   string: paused until (after a 429); TTL = the pause
     <prefix>calls   zset: our calls in the last window; trimmed each call, TTL one window
     <prefix>others  string: other clients' estimated use of the budget; TTL one window"""
@@ -146,10 +147,9 @@ def dlq_by_brand(brand: str) -> str:
     return f"{PREFIX}:dlq:brand:{brand}"
 
 
-def worker_heartbeat(name: str) -> str:
-    """string: one live worker process's last heartbeat (JSON: at, held); TTL three beats.
-    Bounded by the live workers."""
-    return f"{PREFIX}:worker:{name}"
+# zset: worker process (host:pid) -> its last heartbeat (unix s); for `stats`. Bounded by
+# the workers of the last hour (older ones are trimmed at each beat).
+WORKERS = f"{PREFIX}:workers"
 
 
 # hash: name -> count; monotonic counters for the CLI, the demo and metrics (fixed names).

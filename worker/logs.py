@@ -8,6 +8,7 @@ with `register_secret()` (client secrets, access tokens) wherever it would appea
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 
@@ -16,6 +17,15 @@ _MAX_SECRETS = 512  # tokens rotate; keep the recent ones, bounded
 
 _lock = threading.Lock()
 _secrets: deque[str] = deque(maxlen=_MAX_SECRETS)
+
+
+def _new_lock_after_fork() -> None:
+    # A prefork child is forked while a service thread may hold the lock: it gets a fresh one.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def register_secret(value: str | None) -> None:

@@ -48,7 +48,7 @@ from worker.logs import kv
 from worker.ratelimit import BrandBudget
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
-from worker.store import Begin, ResultRecord, ResultStore, Superseded
+from worker.store import Begin, Damaged, ResultRecord, ResultStore, Superseded
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class _Run:
     calls: int = 0
     probe: bool = False
     sent: float = 0.0
+    keep_lock: bool = False  # a PATCH of unknown outcome: the lock expires on its own
 
 
 class _RunGate:
@@ -137,6 +138,8 @@ class Fiscaliser:
             detail = "finished already" if begun is Begin.GONE else "superseded"
             return Outcome(begun.value, detail)
         try:
+            if isinstance(begun, Damaged):
+                return self._dead_letter_damaged(begun)
             return self._run(begun)
         except Superseded:
             # Our lease lapsed and the result was published again: that run owns it now.
@@ -159,7 +162,8 @@ class Fiscaliser:
             self.redis,
             record.brand,
             record.receipt_id,
-            f"{record.rid}:{record.dispatch}",
+            record.rid,
+            record.dispatch,
             self.lock_seconds,
         )
         if not lock.acquire():
@@ -177,6 +181,11 @@ class Fiscaliser:
         except CloposError as exc:
             if run.calls == 0:
                 record.attempts += 1  # failed before its first request (auth): still a try
+            if exc.call == "PATCH" and exc.http_status is None:
+                # Timed out or cut off: the PATCH may still land. Until the lock expires no
+                # other result may read this receipt and write another fiscal id after it
+                # (a re-run of this result takes the lock over: it carries the same id).
+                run.keep_lock = True
             self._after_call(run, exc.rate, exc)
             return self._failed(record, exc)
         except (redis.RedisError, Superseded):
@@ -187,7 +196,8 @@ class Fiscaliser:
             log.exception(kv("result_internal_error", rid=record.rid, brand=record.brand))
             return self._failed(record, TransientError(f"internal error: {exc!r}"[:300]))
         finally:
-            lock.release()
+            if not run.keep_lock:
+                lock.release()
 
     def _apply(self, run: _Run) -> Outcome:
         """GET, decide, PATCH; from the GET again whenever the receipt lock lapsed."""
@@ -241,11 +251,12 @@ class Fiscaliser:
     def _gate(self, run: _Run) -> None:
         """May the next call of this run go? Sleeps a short wait; raises Deferred otherwise."""
         record, brand = run.record, run.record.brand
-        permit = self.breaker.allow(brand)
-        if not permit.allowed:
-            until = permit.wait_until or self.clock() + 1
-            raise Deferred(until, f"circuit open for {brand}", circuit_open=True)
-        run.probe = permit.probe
+        if not run.probe:  # a run holding the probe (its re-try after a 401) goes on with it
+            permit = self.breaker.allow(brand)
+            if not permit.allowed:
+                until = permit.wait_until or self.clock() + 1
+                raise Deferred(until, f"circuit open for {brand}", circuit_open=True)
+            run.probe = permit.probe
         try:
             self._await_budget(run)
         except Deferred:
@@ -493,6 +504,23 @@ class Fiscaliser:
             )
         )
         return Outcome("dead_lettered", error, reason=reason, dlq_id=dlq_id)
+
+    def _dead_letter_damaged(self, damaged: Damaged) -> Outcome:
+        """A record that cannot be read: dead-letter what it holds (its payload is the
+        adapter's entry) rather than fail its task at every re-drive."""
+        error = f"the worker's record of this result is damaged ({damaged.error})"
+        with self.store.fenced_raw(damaged.rid, damaged.dispatch) as pipe:
+            dlq_id = self.dlq.add(
+                reason="retries_exhausted",
+                payload=damaged.raw.get("payload", ""),
+                error=error,
+                result_id=damaged.rid,
+                pipeline=pipe,
+            )
+            self.store.forget(damaged.rid, pipe)
+            pipe.hincrby(keys.COUNTERS, "dead_lettered:retries_exhausted", 1)
+        log.error(kv("result_damaged", rid=damaged.rid, dlq_id=dlq_id, error=damaged.error))
+        return Outcome("dead_lettered", error, reason="retries_exhausted", dlq_id=dlq_id)
 
     def _attempt(self, record: ResultRecord, call: str, status: int | None, outcome: str) -> None:
         self.audit.record_attempt(

@@ -49,8 +49,9 @@ AUTH_MAX_WAIT_SECONDS = 10.0
 # Defines reserve(prefix, n, now, limit, window, margin, max_wait, first) -> ok, start, step.
 # Shared by the scripts below and by the dispatcher's admission script (worker/store.py).
 # `first` (a result already under way: its PATCH after a not-ready GET, a re-try after a
-# 401) takes its slots now, ahead of the queue, and pushes the queue back by as many: the
-# pace is kept, and the window guard (_TAKE) keeps the server's count.
+# 401, one deferred by a 429 pause) takes its slots ahead of the queue, paced among its kind
+# by a front pointer (so a pause's end is not a herd), and pushes the queue back by as many:
+# the pace is kept, and the window guard (_TAKE) keeps the server's count.
 RESERVE_LUA = """
 local function fmt(x) return string.format('%.6f', x) end
 local function reserve(prefix, n, now, limit, window, margin, max_wait, first)
@@ -64,7 +65,11 @@ local function reserve(prefix, n, now, limit, window, margin, max_wait, first)
   local start = math.max(tat, now, pause)
   local new_tat = start + n * step
   if first then
-    start = math.max(now, pause)
+    local front = tonumber(redis.call('GET', prefix .. 'front')) or 0
+    start = math.max(now, pause, front)
+    local new_front = start + n * step
+    redis.call('SET', prefix .. 'front', fmt(new_front),
+      'PX', math.ceil((new_front - now + window) * 1000))
   elseif start - now > max_wait then
     return 0, start, step
   end

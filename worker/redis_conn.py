@@ -27,6 +27,15 @@ _clients: dict[tuple[str, int, bool], redis.Redis] = {}
 _clients_lock = threading.Lock()
 
 
+def _new_lock_after_fork() -> None:
+    # A prefork child is forked while a service thread may hold the lock: it gets a fresh one.
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 class RedisUnavailable(Exception):
     """Redis cannot be reached or refused us; str() is one line with the password masked."""
 

@@ -135,6 +135,15 @@ _lock = threading.Lock()
 _runtimes: dict[int, Runtime] = {}
 
 
+def _new_lock_after_fork() -> None:
+    # A prefork child is forked while a service thread may hold the lock: it gets a fresh one.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def get_runtime() -> Runtime:
     pid = os.getpid()
     with _lock:

@@ -11,7 +11,8 @@ any error (Redis restarting, a bug on one entry): it logs, waits a moment and go
     heartbeat   every `worker_heartbeat_seconds`: keep the results this worker holds
                 (received, prefetched, running: Celery's reserved requests) leased for
                 `worker_lease_seconds`, so those of a worker that died are re-driven that
-                long after its last beat; a step of the unscheduled-records sweep; every
+                long after its last beat
+    sweep       a step of the unscheduled-records sweep every SWEEP_INTERVAL; every
                 POLICY_CHECK_INTERVAL, Redis' maxmemory-policy again
 
 `stop()` lets the current iteration finish; what it had not settled stays pending in the
@@ -20,7 +21,6 @@ stream or due in the schedule, for this or another worker.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -44,6 +44,8 @@ RECLAIM_INTERVAL_SECONDS = 5.0
 PRUNE_INTERVAL_SECONDS = 600.0
 CONSUMER_IDLE_SECONDS = 3600.0  # an empty consumer idle this long belonged to a dead pod
 POLICY_CHECK_INTERVAL_SECONDS = 60.0
+SWEEP_INTERVAL_SECONDS = 10.0  # one SCAN step of the records per interval
+WORKER_FORGOTTEN_SECONDS = 3600.0  # a worker silent this long leaves the registry
 ERROR_PAUSE_SECONDS = 1.0
 
 Held = Callable[[], list[tuple[str, int]]]  # (rid, dispatch) of the results this worker holds
@@ -85,6 +87,7 @@ class WorkerService:
             threading.Thread(target=self._ingest_loop, name="fiscal-ingest", daemon=True),
             threading.Thread(target=self._dispatch_loop, name="fiscal-dispatch", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="fiscal-heartbeat", daemon=True),
+            threading.Thread(target=self._sweep_loop, name="fiscal-sweep", daemon=True),
         ]
 
     def queue_length(self) -> int:
@@ -124,15 +127,19 @@ class WorkerService:
         return self.consumer.prune_consumers(CONSUMER_IDLE_SECONDS)
 
     def _heartbeat_loop(self) -> None:
-        settings = self.runtime.settings
-        next_policy_check = time.monotonic() + POLICY_CHECK_INTERVAL_SECONDS
+        # Alone in its thread: nothing slow may delay the beat past the lease.
         while not self.stopping.is_set():
             self._guarded(self.beat)
+            self.stopping.wait(self.runtime.settings.worker_heartbeat_seconds)
+
+    def _sweep_loop(self) -> None:
+        next_policy_check = time.monotonic() + POLICY_CHECK_INTERVAL_SECONDS
+        while not self.stopping.is_set():
             self._guarded(self.dispatcher.sweep_unscheduled)
             if time.monotonic() >= next_policy_check:
                 self._guarded(self._check_policy)
                 next_policy_check = time.monotonic() + POLICY_CHECK_INTERVAL_SECONDS
-            self.stopping.wait(settings.worker_heartbeat_seconds)
+            self.stopping.wait(SWEEP_INTERVAL_SECONDS)
 
     def beat(self) -> int:
         """Keep the results this worker holds leased for another worker_lease_seconds, and
@@ -141,11 +148,10 @@ class WorkerService:
         held = self.held()
         now = time.time()
         renewed = self.runtime.store.hold(held, now + settings.worker_lease_seconds)
-        self.runtime.redis.set(
-            keys.worker_heartbeat(self.consumer.consumer),
-            json.dumps({"at": round(now, 3), "held": len(held)}),
-            px=int(settings.worker_heartbeat_seconds * 3000),
-        )
+        pipe = self.runtime.redis.pipeline(transaction=False)
+        pipe.zadd(keys.WORKERS, {self.consumer.consumer: now})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now - WORKER_FORGOTTEN_SECONDS)
+        pipe.execute()
         return renewed
 
     def _check_policy(self) -> None:

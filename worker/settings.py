@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.logs import register_secret
@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     max_queued: int = Field(500, ge=1)
     # Leases of worker/store.py: a result whose worker died is re-driven when its lease
     # lapses. run: longer than one API call with its timeouts; queue: than a short queue.
-    run_lease_seconds: float = Field(60.0, gt=0)
+    run_lease_seconds: float = Field(30.0, gt=0)
     queue_lease_seconds: float = Field(120.0, gt=0)
     # A worker renews the leases of the results it holds (received, prefetched or running)
     # every heartbeat; those of a worker that died lapse `worker_lease` after its last one.
@@ -136,6 +136,15 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    @model_validator(mode="after")
+    def _beats_within_the_lease(self) -> Settings:
+        if self.worker_heartbeat_seconds * 2 > self.worker_lease_seconds:
+            raise ValueError(
+                f"{ENV_PREFIX}WORKER_HEARTBEAT_SECONDS: must be at most half of "
+                f"{ENV_PREFIX}WORKER_LEASE_SECONDS"
+            )
+        return self
 
     # --- derived ---------------------------------------------------------------------
     @property
@@ -195,8 +204,10 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = f"{ENV_PREFIX}{str(first['loc'][0]).upper()}" if first["loc"] else ENV_PREFIX
         message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across settings: its message names the variables
+            raise SettingsError(message) from None
+        name = f"{ENV_PREFIX}{str(first['loc'][0]).upper()}"
         raise SettingsError(f"{name}: {message}") from None
 
 

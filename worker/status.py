@@ -64,7 +64,8 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
     counters = {k: int(v) for k, v in r.hgetall(keys.COUNTERS).items()}
     return {
         "redis": redis_state(r),
-        "workers": sum(1 for _ in r.scan_iter(match=keys.worker_heartbeat("*"), count=500)),
+        # alive: a heartbeat within the lease of the results a worker holds
+        "workers": int(r.zcount(keys.WORKERS, now - settings.worker_lease_seconds, "+inf")),
         "results": {
             "unfinished": int(r.zcard(keys.SCHEDULE)),
             "due": int(r.zcount(keys.SCHEDULE, "-inf", now)),

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -70,6 +70,17 @@ class Begin(StrEnum):
 
     GONE = "gone"  # finished already
     STALE = "stale"  # a newer dispatch owns the result
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A record `begin` could not parse (its result or first_seen is unreadable): it is
+    dead-lettered with what it holds, never retried forever."""
+
+    rid: str
+    dispatch: int
+    raw: dict[str, str]
+    error: str
 
 
 class Superseded(Exception):
@@ -132,8 +143,10 @@ local parked, orphans, out = 0, {}, {}
 for _, rid in ipairs(rids) do
   local key = ARGV[5] .. rid
   local meta = redis.call('HMGET', key, 'brand', 'receipt_id', 'slot', 'not_ready_since',
-    'deadline', 'first')
-  if not meta[1] then
+    'deadline', 'first', 'state')
+  if ARGV[1] == 'ids' and meta[7] ~= 'due' then
+    -- the ingest fast path: a dispatcher took it (or it finished) since it was recorded
+  elseif not meta[1] then
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[14]), rid)
     table.insert(orphans, rid)
   else
@@ -468,8 +481,8 @@ class ResultStore:
         ]
         return Admission(publish, int(parked), [_text(rid) for rid in orphans])
 
-    def begin(self, rid: str, dispatch: int, now: float) -> ResultRecord | Begin:
-        """The record if this dispatch may run, else why not."""
+    def begin(self, rid: str, dispatch: int, now: float) -> ResultRecord | Begin | Damaged:
+        """The record if this dispatch may run, else why not (or that it is unreadable)."""
         reply = self._begin(
             keys=[keys.result(rid), keys.SCHEDULE],
             args=[rid, dispatch, repr(now + self.run_lease)],
@@ -478,7 +491,12 @@ class ResultStore:
             return Begin(_text(reply[0]))
         flat = reply[1]
         raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return ResultRecord.from_hash(rid, raw, self.lifetime)
+        try:
+            record = ResultRecord.from_hash(rid, raw, self.lifetime)
+            (record.brand, record.receipt_id, record.fiscal_id)  # noqa: B018 - they must parse
+        except (KeyError, ValueError, TypeError) as exc:
+            return Damaged(rid, dispatch, raw, f"{exc.__class__.__name__}: {exc}"[:300])
+        return record
 
     def renew(self, record: ResultRecord, now: float) -> bool:
         """Extend the running lease; False if a newer dispatch took the result over."""
@@ -540,17 +558,21 @@ class ResultStore:
         )
         return [_text(rid) for rid in found]
 
-    @contextmanager
-    def fenced(self, record: ResultRecord) -> Iterator[redis.client.Pipeline]:
+    def fenced(self, record: ResultRecord) -> AbstractContextManager[redis.client.Pipeline]:
         """A transaction that commits only while `record.dispatch` is still the result's:
         every write of a run (park, finish, dead-letter) goes through one. Queue the writes
         on the yielded pipeline (after MULTI); they run at the end of the `with`. Raises
         Superseded, writing nothing, if a newer dispatch took the result or it is gone."""
-        key = keys.result(record.rid)
+        return self.fenced_raw(record.rid, record.dispatch)
+
+    @contextmanager
+    def fenced_raw(self, rid: str, dispatch: int) -> Iterator[redis.client.Pipeline]:
+        """`fenced` for a result known only by its id and dispatch number."""
+        key = keys.result(rid)
         with self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(key)
-                if _text(pipe.hget(key, "dispatch") or "") != str(record.dispatch):
+                if _text(pipe.hget(key, "dispatch") or "") != str(dispatch):
                     raise Superseded
                 pipe.multi()
                 yield pipe

@@ -197,3 +197,62 @@ def test_a_200_not_found_ends_as_receipt_not_found_and_an_open_receipt_as_not_cl
     bench.run()
     reasons = {e["receipt_id"]: e["reason"] for e in bench.dead_letters()}
     assert reasons == {8: "receipt_not_found", 9: "receipt_not_closed"}
+
+
+def test_a_patch_of_unknown_outcome_keeps_the_lock_from_a_result_with_another_fiscal_id():
+    bench = Burst()
+    bench.add_receipt(11)
+    cut = []
+
+    def land_then_time_out(api, request, receipt_id):
+        if request.method == "PATCH" and not cut:
+            cut.append(1)
+            api.receipts[11].update(fiscal_id="F-11", lock=True)  # it landed; the answer did not
+            raise httpx.ReadTimeout("read timed out")
+        return None
+
+    bench.api.hooks.append(land_then_time_out)
+    first = bench.send(11, "F-11")
+    bench.dispatcher.run_once()
+    assert bench.fiscaliser.run(*bench.queue.popleft()).kind == "parked"
+    assert bench.r.exists(keys.receipt_lock(BRAND, 11)), "released after an ambiguous PATCH"
+    bench.send(11, "OTHER")  # another result for the receipt, waiting for the lock
+    bench.dispatcher.run_once()
+    rid, dispatch = bench.queue.popleft()
+    assert rid != first and bench.fiscaliser.run(rid, dispatch).detail.startswith("receipt busy")
+    bench.run()  # the first one's re-run takes the lock over (same result, newer dispatch)
+    assert bench.api.receipts[11]["fiscal_id"] == "F-11"
+    assert [e["reason"] for e in bench.dead_letters()] == ["fiscal_id_conflict"]
+
+
+def test_a_probe_that_meets_a_401_keeps_its_probe_for_the_re_try():
+    bench = Burst()
+    bench.add_receipt(12)
+    bench.r.hset(
+        keys.breaker(BRAND),
+        mapping={"state": "open", "until": str(bench.clock() - 1), "cooldown": "5"},
+    )
+
+    def expire_token_on_first_get(api, request, receipt_id):  # the probe call itself
+        if receipt_id and not api.of(receipt_id):
+            return httpx.Response(401, json={"success": False, "error": "token_expired"})
+        return None
+
+    bench.api.hooks.append(expire_token_on_first_get)
+    bench.send(12, "F-12")
+    bench.dispatcher.run_once()
+    assert bench.fiscaliser.run(*bench.queue.popleft()).kind == "fiscalised"  # in one run
+    assert bench.api.patches(12) == [{"fiscal_id": "F-12", "lock": True}]
+    assert not bench.r.exists(keys.breaker_probe(BRAND))  # the probe was not left behind
+    assert not bench.r.exists(keys.breaker(BRAND))  # and its success closed the circuit
+
+
+def test_a_damaged_record_is_dead_lettered_not_retried_forever():
+    bench = Burst()
+    rid = bench.send(13, "F-13")
+    bench.r.hset(keys.result(rid), "result", "{not json")
+    bench.run()
+    [entry] = bench.dead_letters()
+    assert entry["result_id"] == rid and "damaged" in entry["error"]
+    assert entry["payload"] == '{"receipt_id": 13, "brand": "b1", "fiscal_id": "F-13"}'
+    assert bench.unfinished() == 0

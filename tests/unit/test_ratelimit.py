@@ -91,3 +91,19 @@ def test_auth_budget_allows_a_burst_then_paces(r):
     assert all(g.ok for g in goes)
     assert [round(g.start - clock.now, 3) for g in goes] == [0, 0, 0, 2.0, 4.0]
     assert not auth.reserve(max_wait=1).ok
+
+
+def test_results_under_way_go_ahead_of_the_queue_but_at_the_brand_pace():
+    import fakeredis
+
+    from support import Clock
+    from worker import keys
+    from worker.ratelimit import BrandBudget, RatePolicy
+
+    r, clock = fakeredis.FakeRedis(decode_responses=True), Clock()
+    budget = BrandBudget(r, RatePolicy(limit=61, window=60, margin=0), clock=clock)  # 1/s
+    assert budget.reserve("b", 100, max_wait=1e9).start == clock.now  # a 100 s backlog
+    starts = [budget.reserve("b", first=True).start - clock.now for _ in range(5)]
+    assert starts == [0.0, 1.0, 2.0, 3.0, 4.0]  # ahead of the backlog, one step apart
+    tat = float(r.get(keys.rate_prefix("b") + "tat"))
+    assert tat - clock.now == 105.0  # the queue moved back by as many slots

@@ -174,6 +174,18 @@ def test_published_leaves_alone_a_result_a_worker_received_first(r, store):
     assert r.zscore(keys.SCHEDULE, "r1") == NOW + 5  # the receiver's heartbeat owns it
 
 
+def test_a_receipt_lock_of_an_older_dispatch_of_the_same_result_is_taken_over(r):
+    from worker.idempotency import ReceiptLock
+
+    dead = ReceiptLock(r, "b", 1, "r1", 3, seconds=100)
+    assert dead.acquire()  # then its worker died, the lock still alive
+    assert not ReceiptLock(r, "b", 1, "r2", 9, seconds=100).acquire()  # another result waits
+    assert not ReceiptLock(r, "b", 1, "r1", 3, seconds=100).acquire()  # the same dispatch too
+    assert not ReceiptLock(r, "b", 1, "r10", 9, seconds=100).acquire()  # a longer rid: another
+    newer = ReceiptLock(r, "b", 1, "r1", 4, seconds=100)
+    assert newer.acquire() and r.get(keys.receipt_lock("b", 1)) == newer.token
+
+
 def begun(store, rid="r1"):
     add(store, rid)
     [claimed] = store.admit([rid], NOW).publish
@@ -186,7 +198,7 @@ def test_fence_extends_lock_and_lease_only_for_the_holder_of_both(r, store):
     from worker.idempotency import ReceiptLock
 
     record = begun(store)
-    lock = ReceiptLock(r, "b", 1, "r1:1", seconds=10)
+    lock = ReceiptLock(r, "b", 1, "r1", 1, seconds=10)
     assert lock.acquire()
     assert store.fence(record, lock, NOW + 5) == "ok"
     assert r.pttl(keys.receipt_lock("b", 1)) > 9_000
