@@ -20,6 +20,9 @@ import redis
 from worker import keys
 
 LOCK_SECONDS = 120.0  # > a GET + auth + PATCH with their timeouts (~60 s worst case)
+# Clopos answers within its 8 s upstream limit (then 504): a PATCH we stopped waiting for has
+# landed or failed at the server this long after it was sent at the latest.
+IN_FLIGHT_SECONDS = 10.0
 # (a setting: FISCAL_RECEIPT_LOCK_SECONDS)
 
 # KEYS: the lock. ARGV: token, ttl ms, "<rid>:", dispatch. Take a free lock; or one that an
@@ -34,6 +37,15 @@ if held and string.sub(held, 1, #ARGV[3]) == ARGV[3] then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     return 1
   end
+end
+return 0
+"""
+# KEYS: the lock. ARGV: token, ms. A PATCH of ours may still be in flight at the server:
+# hold the receipt that long under a token nobody matches (not even a newer dispatch of
+# this result), then it frees itself.
+_HOLD_IN_FLIGHT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], 'in-flight:' .. ARGV[1], 'PX', ARGV[2]) and 1 or 0
 end
 return 0
 """
@@ -65,6 +77,7 @@ class ReceiptLock:
         self._acquire = redis_client.register_script(_ACQUIRE)
         self._release = redis_client.register_script(_RELEASE)
         self._extend = redis_client.register_script(_EXTEND)
+        self._hold_in_flight = redis_client.register_script(_HOLD_IN_FLIGHT)
 
     def acquire(self) -> bool:
         """Take the lock if it is free or held by an older dispatch of this same result."""
@@ -77,6 +90,12 @@ class ReceiptLock:
     def extend(self) -> bool:
         """Renew the full TTL if still ours; False means another worker may hold it now."""
         return bool(self._extend(keys=[self.key], args=[self.token, self.ttl_ms]))
+
+    def hold_in_flight(self, seconds: float) -> bool:
+        """After a PATCH whose answer we stopped waiting for: nobody, this result's re-run
+        included, may call for the receipt for `seconds` (until that PATCH has surely landed
+        or failed at the server); then the lock frees itself."""
+        return bool(self._hold_in_flight(keys=[self.key], args=[self.token, int(seconds * 1000)]))
 
     def release(self) -> None:
         self._release(keys=[self.key], args=[self.token])

@@ -42,13 +42,14 @@ from worker.errors import (
     RateLimitInfo,
     TransientError,
 )
-from worker.idempotency import FiscalisedMarkers, ReceiptLock
+from worker.idempotency import IN_FLIGHT_SECONDS, FiscalisedMarkers, ReceiptLock
 from worker.ingest_format import to_rfc3339
 from worker.logs import kv
 from worker.ratelimit import BrandBudget
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
 from worker.store import Begin, Damaged, ResultRecord, ResultStore, Superseded
+from worker.tokens import FAILURE_MEMORY_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +178,16 @@ class Fiscaliser:
                 return absorbed
             return self._apply(run)
         except Deferred as deferred:
-            return self._deferred(record, deferred)
+            return self._deferred(record, deferred, under_way=run.calls > 0)
         except CloposError as exc:
             if run.calls == 0:
                 record.attempts += 1  # failed before its first request (auth): still a try
             if exc.call == "PATCH" and exc.http_status is None:
-                # Timed out or cut off: the PATCH may still land. Until the lock expires no
-                # other result may read this receipt and write another fiscal id after it
-                # (a re-run of this result takes the lock over: it carries the same id).
-                run.keep_lock = True
+                # Timed out or cut off: the PATCH may still land. Until it surely has (or
+                # failed), nobody calls for this receipt: not another result, which could
+                # read before it lands and write another fiscal id after it, and not this
+                # result's re-run, which would send a second PATCH while the first is live.
+                run.keep_lock = lock.hold_in_flight(IN_FLIGHT_SECONDS)
             self._after_call(run, exc.rate, exc)
             return self._failed(record, exc)
         except (redis.RedisError, Superseded):
@@ -324,7 +326,11 @@ class Fiscaliser:
             return  # its Remaining (0) describes the pause, not others' use: see _failed
         if run.calls:
             self.budget.observe(run.record.brand, rate, run.sent)
-        failed = isinstance(exc, TransientError | AuthError)
+        # A rejected /v2/auth (or its remembered rejection) is not a failed receipt call: the
+        # auth budget and the remembered rejection bound those, and the results must reach
+        # auth_failed after their own bounded retries, not wait behind a cool-down.
+        rejected_auth = isinstance(exc, AuthError) and exc.call in (None, "auth")
+        failed = isinstance(exc, TransientError | AuthError) and not rejected_auth
         change = self.breaker.record(run.record.brand, ok=not failed, probe=run.probe)
         run.probe = False
         if change.change:
@@ -354,7 +360,8 @@ class Fiscaliser:
         if isinstance(exc, RateLimitedError):
             self.budget.pause(record.brand, exc.retry_after)  # every process, not just this one
             log.warning(kv("brand_paused", brand=record.brand, seconds=exc.retry_after))
-            record.first = True  # its place in the queue was taken by the pause, not by it
+            # A result under way (its PATCH was refused) keeps its place ahead of the queue.
+            record.first = record.first or exc.call == "PATCH"
             due = self.clock() + self.policy.rate_limit_wait(exc.retry_after)
             return self._park(record, due, str(exc), exc.http_status, counted=False)
         record.first = False  # a failure: its next try queues behind the brand's backlog
@@ -367,7 +374,10 @@ class Fiscaliser:
             retry = self.policy.auth(record.auth_failures, self.clock())
             if retry.due is None:
                 return self._dead_letter(record, "auth_failed", str(exc), exc.http_status)
-            return self._park(record, retry.due, str(exc), exc.http_status)
+            # Not before the brand's remembered rejection lapses: each try then meets a real
+            # /v2/auth answer (made by one process for all), so fixed credentials are seen.
+            due = max(retry.due, self.clock() + FAILURE_MEMORY_SECONDS + random.uniform(0, 2))
+            return self._park(record, due, str(exc), exc.http_status)
         now = self.clock()
         record.failures += 1
         record.transient_since = record.transient_since or now
@@ -376,12 +386,13 @@ class Fiscaliser:
             return self._dead_letter(record, "retries_exhausted", str(exc), exc.http_status)
         return self._park(record, retry.due, str(exc), exc.http_status)
 
-    def _deferred(self, record: ResultRecord, deferred: Deferred) -> Outcome:
-        """No call was allowed: wait, uncounted, and keep its place ahead of the queue. An
-        open circuit is the brand's transient failure, so its transient window runs on."""
+    def _deferred(self, record: ResultRecord, deferred: Deferred, *, under_way: bool) -> Outcome:
+        """No call was allowed: wait, uncounted. A result under way (it made a call in this
+        run: its PATCH was held) keeps its place ahead of the queue; one that made none
+        queues again. An open circuit is the brand's transient failure: its window runs on."""
         now = self.clock()
         record.deferrals += 1
-        record.first = True
+        record.first = record.first or under_way
         if deferred.circuit_open:
             record.transient_since = record.transient_since or now
             if now >= record.transient_since + self.policy.transient_window:

@@ -199,7 +199,7 @@ def test_a_200_not_found_ends_as_receipt_not_found_and_an_open_receipt_as_not_cl
     assert reasons == {8: "receipt_not_found", 9: "receipt_not_closed"}
 
 
-def test_a_patch_of_unknown_outcome_keeps_the_lock_from_a_result_with_another_fiscal_id():
+def test_a_patch_of_unknown_outcome_holds_the_receipt_until_it_has_surely_landed():
     bench = Burst()
     bench.add_receipt(11)
     cut = []
@@ -215,14 +215,21 @@ def test_a_patch_of_unknown_outcome_keeps_the_lock_from_a_result_with_another_fi
     first = bench.send(11, "F-11")
     bench.dispatcher.run_once()
     assert bench.fiscaliser.run(*bench.queue.popleft()).kind == "parked"
-    assert bench.r.exists(keys.receipt_lock(BRAND, 11)), "released after an ambiguous PATCH"
+    held = bench.r.pttl(keys.receipt_lock(BRAND, 11))
+    assert 5_000 < held <= 10_000, "the receipt is not held while the PATCH may be in flight"
     bench.send(11, "OTHER")  # another result for the receipt, waiting for the lock
+    bench.clock.now += 1
     bench.dispatcher.run_once()
-    rid, dispatch = bench.queue.popleft()
-    assert rid != first and bench.fiscaliser.run(rid, dispatch).detail.startswith("receipt busy")
-    bench.run()  # the first one's re-run takes the lock over (same result, newer dispatch)
+    for rid, dispatch in list(bench.queue):  # neither the other result nor our own re-run
+        assert bench.fiscaliser.run(rid, dispatch).detail.startswith("receipt busy"), rid
+    bench.queue.clear()
+    assert bench.api.of(11, "PATCH") == []  # no PATCH since the one in flight (not recorded)
+    bench.r.delete(keys.receipt_lock(BRAND, 11))  # the in-flight hold ran out
+    bench.run()
     assert bench.api.receipts[11]["fiscal_id"] == "F-11"
+    assert bench.api.of(11, "PATCH") == []  # the re-run's GET saw it had landed
     assert [e["reason"] for e in bench.dead_letters()] == ["fiscal_id_conflict"]
+    assert first in bench.sent
 
 
 def test_a_probe_that_meets_a_401_keeps_its_probe_for_the_re_try():
@@ -256,3 +263,23 @@ def test_a_damaged_record_is_dead_lettered_not_retried_forever():
     assert entry["result_id"] == rid and "damaged" in entry["error"]
     assert entry["payload"] == '{"receipt_id": 13, "brand": "b1", "fiscal_id": "F-13"}'
     assert bench.unfinished() == 0
+
+
+def test_rejected_credentials_reach_auth_failed_after_bounded_retries_not_a_cool_down():
+    bench = Burst()
+
+    def reject(api, request, receipt_id):
+        if not receipt_id:
+            return httpx.Response(401, json={"success": False, "error": "authentication_failed"})
+        return None
+
+    bench.api.hooks.append(reject)
+    for receipt_id in range(20, 30):
+        bench.add_receipt(receipt_id)
+        bench.send(receipt_id, f"F-{receipt_id}")
+    started = bench.clock()
+    bench.run()
+    assert {e["reason"] for e in bench.dead_letters()} == {"auth_failed"}
+    assert len(bench.dead_letters()) == 10
+    assert bench.clock() - started < 300  # no doubling cool-downs in between
+    assert sum(1 for c in bench.api.calls if c.method == "AUTH") <= 15

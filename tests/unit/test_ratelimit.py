@@ -95,8 +95,8 @@ def test_auth_budget_allows_a_burst_then_paces(r):
 
 def test_results_under_way_go_ahead_of_the_queue_but_at_the_brand_pace():
     import fakeredis
-
     from support import Clock
+
     from worker import keys
     from worker.ratelimit import BrandBudget, RatePolicy
 
