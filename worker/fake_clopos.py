@@ -2,7 +2,7 @@
 
 Starlette + uvicorn, no hand-written HTTP. Used in-process by tests (`start()` on a free
 port), by the demo and benchmarks, and standalone (`serve()`, behind `fiscal-worker
-fake-clopos`). The behaviour follows /work/shared/clopos-v2.md; everything a test in
+fake-clopos`). The behaviour follows the Clopos Open API v2 docs; everything a test in
 another OS process needs to drive or observe is also reachable over `/_fake/...`.
 
 Routes (the base URL returned by `start()` is the API root):
