@@ -312,11 +312,13 @@ class Fiscaliser:
         run.sent = now
 
     def _wait(self, record: ResultRecord, seconds: float) -> None:
-        """Sleep a short wait, the result's lease extended over it so it is not re-driven."""
-        if not self.store.renew(record, self.clock() + max(0.0, seconds)):
+        """Sleep a short wait, the result's lease extended over it so it is not re-driven.
+        No wait, no renewal: the fence right before the send extends the lease anyway."""
+        if seconds <= 0:
+            return
+        if not self.store.renew(record, self.clock() + seconds):
             raise Superseded
-        if seconds > 0:
-            self.sleep(seconds)
+        self.sleep(seconds)
 
     def _after_call(self, run: _Run, rate: RateLimitInfo, exc: CloposError | None) -> None:
         """What one call tells the brand's budget (the server's view of the window) and its

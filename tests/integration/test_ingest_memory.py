@@ -6,8 +6,6 @@ the read bound and pruning dead consumers (the scripts run there, not just on fa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,12 +27,8 @@ POLICY = RatePolicy(limit=100_000, window=60, margin=0, lead=60)  # every result
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis")
-    srv.directory.mkdir()
-    srv.start()
-    yield srv
-    srv.stop()
+def server(redis_server: RedisServer) -> RedisServer:
+    return redis_server  # the integration conftest's private redis-server
 
 
 @pytest.fixture
