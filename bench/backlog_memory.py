@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from harness import BRAND, system
-from support import wait_for
 
 from worker import keys
+from worker.testing import wait_for
 
 
 def rss_mib(root_pid: int) -> tuple[float, float]:

@@ -19,7 +19,8 @@ import time
 from collections import Counter
 
 from harness import BRAND, system
-from support import wait_for
+
+from worker.testing import wait_for
 
 
 def main() -> int:

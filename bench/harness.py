@@ -1,10 +1,10 @@
 """What every benchmark runs on: a private redis-server, the fake Clopos API with one brand,
-and real `celery worker` processes configured through the environment, all stopped at exit."""
+and real `celery worker` processes configured through the environment, all stopped at exit
+(the shared harness, worker.testing)."""
 
 from __future__ import annotations
 
-import os
-import sys
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,14 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support import RedisServer, WorkerProcess, write_credentials
-
 from worker.fake_clopos import FakeClopos
+from worker.testing import (
+    RedisServer,
+    WorkerProcess,
+    start_fake_clopos,
+    worker_env,
+    write_credentials,
+)
 
+ROOT = Path(__file__).resolve().parent.parent
 BRAND = "openapitest"
 CREDS = {BRAND: ("client-openapitest", "secret-openapitest-0001")}
+INTEGRATOR = "fake-integrator"
 
 
 @dataclass
@@ -32,7 +37,11 @@ class System:
 
     def start_worker(self, name: str, concurrency: int, **env: str) -> WorkerProcess:
         worker = WorkerProcess(
-            {**self.env, **env}, self.directory / f"{name}.log", name=name, concurrency=concurrency
+            {**self.env, **env},
+            self.directory / f"{name}.log",
+            name=name,
+            concurrency=concurrency,
+            cwd=ROOT,
         )
         self.workers.append(worker)
         return worker.start()
@@ -42,21 +51,15 @@ class System:
 def system(**fake_options: Any) -> Iterator[System]:
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         directory = Path(tmp)
-        server = RedisServer(directory)
+        server = RedisServer(directory, secrets.token_urlsafe(16))  # persistent (AOF)
         server.start()
-        fake = FakeClopos(
-            integrator_id="fake-integrator",
-            brands={BRAND: {"client_id": CREDS[BRAND][0], "client_secret": CREDS[BRAND][1]}},
-            **fake_options,
-        )
-        fake.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FISCAL_")}
-        env.update(
-            FISCAL_REDIS_URL=server.url,
-            FISCAL_CLOPOS_BASE_URL=str(fake.base_url),
-            FISCAL_CLOPOS_INTEGRATOR_ID="fake-integrator",
-            FISCAL_CLOPOS_CREDENTIALS_FILE=str(write_credentials(directory / "c.json", CREDS)),
-            FISCAL_LOG_LEVEL="WARNING",
+        fake = start_fake_clopos(CREDS, integrator_id=INTEGRATOR, **fake_options)
+        env = worker_env(
+            redis_url=server.url,
+            clopos_url=str(fake.base_url),
+            integrator_id=INTEGRATOR,
+            credentials_file=write_credentials(directory / "c.json", CREDS),
+            settings={"FISCAL_LOG_LEVEL": "WARNING"},
         )
         running = System(directory, server, fake, env)
         try:

@@ -22,6 +22,7 @@ from celery.exceptions import Retry
 
 from worker.app import TASK_NAME, app
 from worker.logs import kv
+from worker.pipeline import Kind
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -58,20 +59,11 @@ def fiscalise(
         raise Retry(
             f"Redis unavailable ({exc.__class__.__name__}); the schedule re-drives it", exc
         ) from None
-    if outcome.kind == "dead_lettered":
+    if outcome.kind is Kind.DEAD_LETTERED:
         raise DeadLettered(f"{outcome.reason} dlq_id={outcome.dlq_id}: {outcome.detail}")
-    if outcome.kind == "parked" and outcome.due is not None:
+    if outcome.kind is Kind.PARKED and outcome.due is not None:
         when = datetime.fromtimestamp(outcome.due, UTC)
         raise Retry(
             f"parked until {when.isoformat(timespec='seconds')}: {outcome.detail}", when=when
         )
-    return f"{outcome.kind}: {outcome.detail}" if outcome.detail else outcome.kind
-
-
-def publish(rid: str, dispatch: int, brand: str, receipt_id: str) -> None:
-    """Put one result's task on the queue (the task id is the result id, for Flower)."""
-    fiscalise.apply_async(
-        args=[rid, dispatch],
-        kwargs={"brand": brand, "receipt_id": int(receipt_id) if receipt_id.isdigit() else None},
-        task_id=rid,
-    )
+    return f"{outcome.kind.value}: {outcome.detail}" if outcome.detail else outcome.kind.value

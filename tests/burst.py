@@ -5,7 +5,9 @@ or arq's `burst=True` tests run).
     bench = Burst(limit=20, window=5)
     bench.add_receipt(7)                      # closed, no fiscal_id
     bench.send(7, "F-7")                      # recorded and due now, as ingest does
-    bench.run()                               # admit -> run tasks -> move the clock, until idle
+    bench.xadd({"receipt_id": 7, ...})        # or a stream entry, as an adapter writes it
+    bench.run()                               # poll -> admit -> run tasks -> move the clock,
+                                              # until idle
     assert bench.api.patches(7) == [{"fiscal_id": "F-7", "lock": True}]
 
 Time is the clock's: the pipeline's short waits move it instead of sleeping, and when nothing
@@ -29,18 +31,22 @@ from support import Clock
 from worker import keys
 from worker.audit import AuditTrail
 from worker.breaker import CircuitBreaker, FailedCallGuard
-from worker.clopos import CloposClient
+from worker.clopos.auth import AuthCaller
+from worker.clopos.client import CloposClient
+from worker.clopos.tokens import TokenProvider
+from worker.clopos.wire import Wire
 from worker.dispatcher import Dispatcher
 from worker.dlq import DeadLetterStore
 from worker.idempotency import FiscalisedMarkers
+from worker.ingest import IngestConsumer
 from worker.pipeline import Fiscaliser, Outcome
 from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
 from worker.store import ResultStore
-from worker.tokens import TokenProvider
 
 BRAND = "b1"
+STREAM = "fiscal:results"
 Hook = Callable[["FakeApi", httpx.Request, int], httpx.Response | None]
 
 
@@ -139,24 +145,27 @@ class Burst:
         transient_window: float = 600.0,
         not_ready_window: float = 600.0,
         lock_seconds: float = 120.0,
+        max_queued: int = 500,
     ) -> None:
         self.clock = Clock()
-        self.r = fakeredis.FakeRedis(decode_responses=True)
+        server = fakeredis.FakeServer()
+        self.r = fakeredis.FakeRedis(server=server, decode_responses=True)
+        self.raw = fakeredis.FakeRedis(server=server, decode_responses=False)
         self.api = FakeApi(self.clock, limit, window)
         credentials = {BRAND: BrandCredentials(client_id="cid", client_secret="secret-0001")}
-        self.client = CloposClient(
-            base_url="https://clopos.test/open-api",
-            integrator_id="integrator",
-            credentials=credentials,
+        wire = Wire(
+            "https://clopos.test/open-api",
             http=httpx.Client(transport=httpx.MockTransport(self.api.handle)),
         )
-        self.client.tokens = TokenProvider(
+        auth = AuthCaller(wire, integrator_id="integrator", credentials=credentials)
+        tokens = TokenProvider(
             self.r,
-            self.client.authenticate,
+            auth.authenticate,
             auth_budget=AuthBudget(self.r, clock=self.clock),
             clock=self.clock,
             sleep=self.sleep,
         )
+        self.client = CloposClient(wire, tokens)
         rate = RatePolicy(limit=limit, window=window)
         self.policy = RetryPolicy(
             transient_window=transient_window,
@@ -186,14 +195,30 @@ class Burst:
             sleep=self.sleep,
         )
         self.queue: deque[tuple[str, int]] = deque()
+        self.max_queued = max_queued
         self.dispatcher = Dispatcher(
             self.store,
-            lambda rid, dispatch, brand, receipt_id: self.queue.append((rid, dispatch)),
+            self._publish,
             lambda: len(self.queue),
-            max_queued=500,
+            max_queued=max_queued,
             dlq=self.dlq,
             clock=self.clock,
         )
+        self.ingest = IngestConsumer(
+            raw_redis=self.raw,
+            stream=STREAM,
+            consumer="burst-1",
+            store=self.store,
+            dlq=self.dlq,
+            audit=self.audit,
+            publish=self._publish,
+            queue_has_room=lambda: len(self.queue) < self.max_queued,
+            block_ms=1,
+            clock=self.clock,
+        )
+        self.ingest.ensure_group()
+        self.published = 0  # messages put on the queue, by ingest or the dispatcher
+        self.deepest_queue = 0
         self.arrivals: list[tuple[float, int, str]] = []  # (at, receipt_id, fiscal_id)
         self.sent: dict[str, tuple[int, str]] = {}  # rid -> (receipt_id, fiscal_id)
         self.outcomes: list[tuple[str, Outcome]] = []
@@ -201,6 +226,17 @@ class Burst:
 
     def sleep(self, seconds: float) -> None:
         self.clock.now += max(0.0, seconds)
+
+    def _publish(self, rid: str, dispatch: int, brand: str, receipt_id: str) -> None:
+        self.queue.append((rid, dispatch))
+        self.published += 1
+        self.deepest_queue = max(self.deepest_queue, len(self.queue))
+
+    def xadd(self, data: dict[str, Any] | str | bytes) -> str:
+        """Append one stream entry, as an adapter does (a dict is written as JSON)."""
+        raw = json.dumps(data) if isinstance(data, dict) else data
+        entry_id = self.raw.xadd(STREAM, {"data": raw})
+        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
     def add_receipt(self, receipt_id: int, appear_after: float = 0.0, **fields: Any) -> None:
         receipt = {
@@ -238,6 +274,8 @@ class Burst:
             while self.arrivals and self.arrivals[0][0] <= self.clock():
                 _, receipt_id, fiscal_id = self.arrivals.pop(0)
                 self.send(receipt_id, fiscal_id)
+            if self.ingest.poll():
+                continue
             self.dispatcher.run_once()
             if self.queue:
                 rid, dispatch = self.queue.popleft()
@@ -251,6 +289,10 @@ class Burst:
                 return
             self.clock.now = max(self.clock.now, min(moments))
         raise AssertionError("the deployment did not go idle")
+
+    def stream_left(self) -> int:
+        """Entries still in the stream (settled ones are acknowledged and deleted)."""
+        return int(self.raw.xlen(STREAM))
 
     def unfinished(self) -> int:
         return int(self.r.zcard(keys.SCHEDULE))

@@ -23,8 +23,8 @@ from worker import keys
 from worker.logs import install_redaction, kv, quiet_libraries
 from worker.settings import SettingsError, get_settings
 
-QUEUE = keys.CELERY_QUEUE
-TASK_NAME = "fiscal.fiscalise"  # tasks/fiscalise.py registers it under this name
+QUEUE = keys.CELERY_QUEUE  # the one queue, and the one task on it:
+TASK_NAME = "fiscal.fiscalise"  # registered by tasks/fiscalise.py, sent by name (publish)
 POLICY_CHECK_SECONDS = 20.0  # how long a starting worker waits for Redis to read its policy
 
 # Longer than any task can run (time limit below), so a running task's message is never
@@ -95,7 +95,6 @@ class FiscalWorkerStep(bootsteps.StartStopStep):
         self.service: Any = None
 
     def start(self, parent: Any) -> None:
-        from tasks.fiscalise import publish
         from worker.runtime import get_runtime
         from worker.service import WorkerService
 
@@ -108,6 +107,18 @@ class FiscalWorkerStep(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(FiscalWorkerStep)
+
+
+def publish(rid: str, dispatch: int, brand: str, receipt_id: str) -> None:
+    """Put one result's task on the queue, by name (the worker package never imports the
+    task module). Arguments are ids only; the task id is the result's rid, for Flower."""
+    app.send_task(
+        TASK_NAME,
+        args=[rid, dispatch],
+        kwargs={"brand": brand, "receipt_id": int(receipt_id) if receipt_id.isdigit() else None},
+        task_id=rid,
+        queue=QUEUE,
+    )
 
 
 def held_results() -> list[tuple[str, int]]:

@@ -15,7 +15,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from worker import keys
+from worker import keys, scripts
 from worker.ingest_format import to_rfc3339
 from worker.settings import BRAND_PATTERN
 
@@ -26,23 +26,8 @@ if TYPE_CHECKING:
 STATES = ("pending", "fiscalised", "dead_lettered")
 MAX_TEXT_CHARS = 256  # call / outcome / ids are cut here
 
-# Sets the state and fields unless that would move a fiscalised record off fiscalised;
-# "always" fields are written regardless. Returns the previous state (nil if none).
-# KEYS: audit hash, attempts list.
-# ARGV: ttl, new state, force (0/1), n guarded pairs, guarded pairs..., always pairs...
-_SET_STATE_LUA = """
-local current = redis.call('HGET', KEYS[1], 'state')
-local keep = current == 'fiscalised' and ARGV[2] ~= 'fiscalised' and ARGV[3] == '0'
-local last_guarded = 4 + 2 * tonumber(ARGV[4])
-if not keep then
-  redis.call('HSET', KEYS[1], 'state', ARGV[2])
-  for i = 5, last_guarded, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-end
-for i = last_guarded + 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return current
-"""
+# Writes of the state go through worker/scripts/audit_set_state.lua: a fiscalised record
+# is never moved off fiscalised there, unless forced.
 
 
 class AuditTrail:
@@ -54,7 +39,7 @@ class AuditTrail:
         self.redis = redis
         self.ttl_seconds = int(ttl_seconds)
         self.max_attempts = int(max_attempts)
-        self._set_state_script = redis.register_script(_SET_STATE_LUA)
+        self._set_state_script = redis.register_script(scripts.load("audit_set_state"))
 
     def record_received(
         self,

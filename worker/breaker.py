@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import keys
+from worker import keys, scripts
 
 THRESHOLD = 5
 COOLDOWN_SECONDS = 5.0
@@ -36,46 +36,9 @@ MAX_COOLDOWN_SECONDS = 300.0
 PROBE_TIMEOUT_SECONDS = 30.0  # longer than one call with its timeouts
 FAILED_CALLS_PER_MINUTE = 300  # half of the flood guard's 600
 
-# KEYS: breaker hash, probe lock. ARGV: now, probe timeout ms, owner.
-_ALLOW = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'open' then return {'closed'} end
-local now = tonumber(ARGV[1])
-local until_ = tonumber(redis.call('HGET', KEYS[1], 'until'))
-if now < until_ then return {'open', tostring(until_)} end
-if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return {'probe'} end
-return {'open', tostring(now + 1)}
-"""
-
-# KEYS: breaker hash, probe lock. ARGV: ok (1/0), now, threshold, base, max, probe (1/0).
-# Returns the transition: '' (none), 'opened', 'reopened' or 'closed', and the cool-down.
-_RECORD = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if ARGV[1] == '1' then
-  if state then redis.call('DEL', KEYS[1], KEYS[2]) end
-  if state == 'open' then return {'closed', '0'} end
-  return {'', '0'}
-end
-local now = tonumber(ARGV[2])
-if state == 'open' then
-  if ARGV[6] ~= '1' then return {'', '0'} end  -- a call that was in flight when it opened
-  local previous = tonumber(redis.call('HGET', KEYS[1], 'cooldown'))
-  local cooldown = math.min(tonumber(ARGV[5]), previous * 2)
-  redis.call('HSET', KEYS[1], 'cooldown', cooldown, 'until', string.format('%.6f', now + cooldown))
-  redis.call('HINCRBY', KEYS[1], 'failures', 1)
-  redis.call('DEL', KEYS[2])
-  return {'reopened', tostring(cooldown)}
-end
-local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if failures >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'open', 'cooldown', ARGV[4],
-    'until', string.format('%.6f', now + tonumber(ARGV[4])),
-    'opened_at', string.format('%.6f', now))
-  return {'opened', ARGV[4]}
-end
-redis.call('HSET', KEYS[1], 'state', 'closed')
-return {'', '0'}
-"""
+# The breaker hash's layout is keys.BREAKER_* (state, failures, until, cooldown, opened_at):
+# written by worker/scripts/breaker_record.lua, read by breaker_allow.lua, by state() below
+# and by admission (store_admit.lua holds a brand's results while its circuit is open).
 
 
 @dataclass(frozen=True)
@@ -110,8 +73,8 @@ class CircuitBreaker:
         self.max_cooldown = max_cooldown
         self.probe_timeout = probe_timeout
         self.clock = clock
-        self._allow = redis_client.register_script(_ALLOW)
-        self._record = redis_client.register_script(_RECORD)
+        self._allow = redis_client.register_script(scripts.load("breaker_allow"))
+        self._record = redis_client.register_script(scripts.load("breaker_record"))
 
     def allow(self, brand: str) -> Permit:
         reply = self._allow(
@@ -144,13 +107,14 @@ class CircuitBreaker:
 
     def state(self, brand: str) -> dict[str, object]:
         raw = self.redis.hgetall(keys.breaker(brand))
-        if not raw or raw.get("state") != "open":
-            return {"state": "closed", "failures": int(raw.get("failures", 0)) if raw else 0}
-        until = float(raw["until"])
+        if not raw or raw.get(keys.BREAKER_STATE) != keys.BREAKER_OPEN:
+            failures = int(raw.get(keys.BREAKER_FAILURES, 0)) if raw else 0
+            return {"state": "closed", "failures": failures}
+        until = float(raw[keys.BREAKER_UNTIL])
         return {
             "state": "open" if until > self.clock() else "half_open",
-            "failures": int(raw.get("failures", 0)),
-            "cooldown_seconds": float(raw.get("cooldown", 0)),
+            "failures": int(raw.get(keys.BREAKER_FAILURES, 0)),
+            "cooldown_seconds": float(raw.get(keys.BREAKER_COOLDOWN, 0)),
             "opens_again_in_seconds": round(max(0.0, until - self.clock()), 3),
         }
 

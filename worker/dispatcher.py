@@ -65,7 +65,8 @@ class Dispatcher:
 
     def run_once(self) -> int:
         """One admission pass; returns how many due results it handled (published or
-        parked until their slot), so the loop goes again at once while work is due."""
+        parked until their slot) or found taken by another dispatcher since it read them,
+        so the loop goes again at once while work is due."""
         room = self.max_queued - self.queue_length()
         if room <= 0:
             return 0
@@ -81,7 +82,7 @@ class Dispatcher:
             self.dead_letter_orphan(rid)
         if admission.handled:
             log.debug(kv("dispatched", published=len(admission.publish), parked=admission.parked))
-        return admission.handled
+        return admission.handled + admission.skipped
 
     def dead_letter_orphan(self, rid: str) -> str | None:
         """Dead-letter a schedule entry whose record is gone, and drop the entry, in one

@@ -35,15 +35,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from worker import keys
+from worker import keys, scripts
 from worker.ingest_format import InvalidMessage, parse_entry, to_rfc3339
+from worker.logs import kv
 from worker.settings import BRAND_PATTERN
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 REASONS = (
     "invalid_message",
@@ -64,78 +65,9 @@ OVER_BOUND_WARNING_SECONDS = 60.0  # `dlq_over_bound` is logged at most this oft
 
 ID_PATTERN = re.compile(r"dl-[1-9][0-9]*")
 
-# Sets a non-negative counter key to its value + delta (deleted at 0; damaged = 0).
-_BYTES_FUNCTION = """
-local function add_bytes(key, delta)
-  local size = (tonumber(redis.call('GET', key)) or 0) + delta
-  if size > 0 then
-    redis.call('SET', key, string.format('%d', size))
-  else
-    redis.call('DEL', key)
-    size = 0
-  end
-  return size
-end
-"""
-# Adds one entry with its index memberships, counts and size, unless the by-result key
-# (KEYS[7], only when the result has an id) names an entry still in the store.
-# KEYS: entry, index, by_reason, by_brand, counts, bytes[, by_result].
-# ARGV: id, reason field, brand field, seq, entry JSON.
-# Returns {id, 1, total, bytes} when added, {existing id, 0} when not.
-_ADD_LUA = (
-    _BYTES_FUNCTION
-    + """
-local existing = KEYS[7] and redis.call('GET', KEYS[7])
-if existing and redis.call('ZSCORE', KEYS[2], existing) then
-  return {existing, 0}
-end
-redis.call('SET', KEYS[1], ARGV[5])
-for i = 2, 4 do
-  redis.call('ZADD', KEYS[i], ARGV[4], ARGV[1])
-end
-redis.call('HINCRBY', KEYS[5], ARGV[2], 1)
-redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
-local size = add_bytes(KEYS[6], string.len(ARGV[5]))
-if KEYS[7] then
-  redis.call('SET', KEYS[7], ARGV[1])
-end
-return {ARGV[1], 1, redis.call('ZCARD', KEYS[2]), size}
-"""
-)
-# Removes one entry with its index memberships, counts, size and by-result key (if it
-# still names this entry); `existed` is 1 if it was there.
-# K (the removal keys): as _ADD_LUA's KEYS. ARGV: id, reason field, brand field.
-_REMOVE_BODY = """
-local raw = redis.call('GET', K[1])
-redis.call('ZREM', K[2], ARGV[1])
-local existed = 0
-if raw then
-  existed = 1
-  redis.call('DEL', K[1])
-  redis.call('ZREM', K[3], ARGV[1])
-  redis.call('ZREM', K[4], ARGV[1])
-  for i = 2, 3 do
-    if redis.call('HINCRBY', K[5], ARGV[i], -1) <= 0 then
-      redis.call('HDEL', K[5], ARGV[i])
-    end
-  end
-  add_bytes(K[6], -string.len(raw))
-  if K[7] and redis.call('GET', K[7]) == ARGV[1] then
-    redis.call('DEL', K[7])
-  end
-end
-"""
-_REMOVE_LUA = _BYTES_FUNCTION + "local K = KEYS\n" + _REMOVE_BODY + "return existed\n"
-# Replay: XADD the payload to the stream and remove the entry, or nothing if it is gone.
-# KEYS: stream, then the removal keys. ARGV: as above + payload.
-_REPLAY_LUA = (
-    _BYTES_FUNCTION
-    + "local K = {unpack(KEYS, 2)}\n"
-    + "if redis.call('EXISTS', K[1]) == 0 then return false end\n"
-    + "local stream_id = redis.call('XADD', KEYS[1], '*', 'data', ARGV[4], 'replay_of', ARGV[1])\n"
-    + _REMOVE_BODY
-    + "return stream_id\n"
-)
+# Scripts (worker/scripts/dlq_*.lua): dlq_add (an entry with its index memberships, counts
+# and size, unless its result id has one already), dlq_remove and dlq_replay (XADD its
+# payload and remove it, in one step). Their KEYS are `_removal()`'s.
 
 # When this process last logged `dlq_over_bound` (time.monotonic()).
 _last_over_bound_warning = float("-inf")
@@ -163,9 +95,9 @@ class DeadLetterStore:
         self.redis = redis
         self.warn_entries = warn_entries
         self.warn_bytes = warn_bytes
-        self._add_script = redis.register_script(_ADD_LUA)
-        self._remove_script = redis.register_script(_REMOVE_LUA)
-        self._replay_script = redis.register_script(_REPLAY_LUA)
+        self._add_script = redis.register_script(scripts.load("dlq_add"))
+        self._remove_script = redis.register_script(scripts.load("dlq_remove"))
+        self._replay_script = redis.register_script(scripts.load("dlq_replay"))
         # Per caller's pipeline: by-result key -> (entry id, its queued command), so a
         # second add for one result id in one MULTI returns the first one's id.
         self._queued: weakref.WeakKeyDictionary[Pipeline, dict[str, tuple[str, Any]]] = (
@@ -257,13 +189,15 @@ class DeadLetterStore:
             _log_duplicate(stored_id, entry_result_id)
             return stored_id
         if pipeline is None:
-            logger.info(
-                "dlq_added id=%s reason=%s brand=%s receipt_id=%s result_id=%s",
-                entry_id,
-                reason,
-                _brand_key(entry_brand) or "-",
-                entry["receipt_id"],
-                _log_safe(entry_result_id),
+            log.info(
+                kv(
+                    "dlq_added",
+                    id=entry_id,
+                    reason=reason,
+                    brand=_brand_key(entry_brand) or None,
+                    receipt_id=entry["receipt_id"],
+                    result_id=_log_safe(entry_result_id),
+                )
             )
         self._warn_if_over_bound(entries=int(outcome[2]), size=int(outcome[3]))
         return stored_id
@@ -304,12 +238,14 @@ class DeadLetterStore:
             if now - _last_over_bound_warning < OVER_BOUND_WARNING_SECONDS:
                 return
             _last_over_bound_warning = now
-        logger.warning(
-            "dlq_over_bound entries=%d bytes=%d warn_entries=%d warn_bytes=%d",
-            entries,
-            size,
-            self.warn_entries,
-            self.warn_bytes,
+        log.warning(
+            kv(
+                "dlq_over_bound",
+                entries=entries,
+                bytes=size,
+                warn_entries=self.warn_entries,
+                warn_bytes=self.warn_bytes,
+            )
         )
 
     def remove(self, entry_id: str) -> dict[str, Any] | None:
@@ -365,7 +301,7 @@ class DeadLetterStore:
         stream_id = self._replay_script(keys=[stream, *script_keys], args=[*args, entry["payload"]])
         if stream_id is None:
             return None
-        logger.info("dlq_replayed id=%s stream_id=%s", entry_id, _text(stream_id))
+        log.info(kv("dlq_replayed", id=entry_id, stream_id=_text(stream_id)))
         return _text(stream_id)
 
     # --- reading -----------------------------------------------------------------------
@@ -596,7 +532,7 @@ def _cut(value: Any) -> str | None:
 
 
 def _log_duplicate(entry_id: str, result_id: str | None) -> None:
-    logger.info("dlq_duplicate id=%s result_id=%s", entry_id, _log_safe(result_id))
+    log.info(kv("dlq_duplicate", id=entry_id, result_id=_log_safe(result_id)))
 
 
 def _counter(value: str | bytes | None) -> int:
@@ -607,8 +543,9 @@ def _counter(value: str | bytes | None) -> int:
         return 0
 
 
-def _log_safe(value: str | None) -> str:
-    return "-" if value is None else "".join(c if c.isprintable() else "?" for c in value[:128])
+def _log_safe(value: str | None) -> str | None:
+    """An untrusted id for a log line: its first 128 chars, unprintable ones as `?`."""
+    return None if value is None else "".join(c if c.isprintable() else "?" for c in value[:128])
 
 
 def _text(value: str | bytes) -> str:

@@ -17,7 +17,7 @@ import secrets
 
 import redis
 
-from worker import keys
+from worker import keys, scripts
 
 LOCK_SECONDS = 120.0  # > a GET + auth + PATCH with their timeouts (~60 s worst case)
 # Clopos answers within its 8 s upstream limit (then 504): a PATCH we stopped waiting for has
@@ -25,38 +25,10 @@ LOCK_SECONDS = 120.0  # > a GET + auth + PATCH with their timeouts (~60 s worst 
 IN_FLIGHT_SECONDS = 10.0
 # (a setting: FISCAL_RECEIPT_LOCK_SECONDS)
 
-# KEYS: the lock. ARGV: token, ttl ms, "<rid>:", dispatch. Take a free lock; or one that an
-# older dispatch of the same result holds: that run is dead or superseded (its fence fails),
-# and a request it may still have in flight carries this same result's fiscal id.
-_ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-local held = redis.call('GET', KEYS[1])
-if held and string.sub(held, 1, #ARGV[3]) == ARGV[3] then
-  local older = tonumber(string.match(string.sub(held, #ARGV[3] + 1), '^(%d+):'))
-  if older and older < tonumber(ARGV[4]) then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 1
-  end
-end
-return 0
-"""
-# KEYS: the lock. ARGV: token, ms. A PATCH of ours may still be in flight at the server:
-# hold the receipt that long under a token nobody matches (not even a newer dispatch of
-# this result), then it frees itself.
-_HOLD_IN_FLIGHT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('SET', KEYS[1], 'in-flight:' .. ARGV[1], 'PX', ARGV[2]) and 1 or 0
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
+# Scripts (worker/scripts/idempotency_*.lua): acquire (free, or held by an older dispatch
+# of the same result), extend, release (each only if the lock is still ours), and
+# hold_in_flight (a PATCH of ours may still be in flight: nobody may take the lock until it
+# has landed or failed).
 
 
 class ReceiptLock:
@@ -74,10 +46,12 @@ class ReceiptLock:
         self.key = keys.receipt_lock(brand, receipt_id)
         self.rid, self.dispatch = rid, dispatch
         self.token = f"{rid}:{dispatch}:{secrets.token_hex(6)}"
-        self._acquire = redis_client.register_script(_ACQUIRE)
-        self._release = redis_client.register_script(_RELEASE)
-        self._extend = redis_client.register_script(_EXTEND)
-        self._hold_in_flight = redis_client.register_script(_HOLD_IN_FLIGHT)
+        self._acquire = redis_client.register_script(scripts.load("idempotency_acquire"))
+        self._release = redis_client.register_script(scripts.load("idempotency_release"))
+        self._extend = redis_client.register_script(scripts.load("idempotency_extend"))
+        self._hold_in_flight = redis_client.register_script(
+            scripts.load("idempotency_hold_in_flight")
+        )
 
     def acquire(self) -> bool:
         """Take the lock if it is free or held by an older dispatch of this same result."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import keys
+from worker import keys, scripts
 from worker.audit import AuditTrail
 from worker.dispatcher import Publish
 from worker.dlq import DeadLetterStore
@@ -59,66 +59,9 @@ MAX_DELIVERIES = 5  # an entry our own code failed on, delivered more often, is 
 # Redis could not be reached (or did not answer): trying the next entry would only wait again.
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
-# Reads entries one at a time while their total size fits in a byte budget.
-# KEYS: stream. ARGV: group, consumer, max entries, byte budget, mode ('new' | 'claim'),
-#       min idle ms (claim), cursor (claim).
-# 'new' reads with XREADGROUP ... >; 'claim' takes over idle pending entries with XAUTOCLAIM
-# from `cursor`, one scan step (COUNT 1, up to 10 PEL entries) per round. The first entry that
-# does not fit is read too (it is pending for this consumer now) but only its id is returned.
-# Neither command is refused at maxmemory, so this runs when Redis refuses writes.
-# Returns {next cursor, id of the entry that did not fit or '', id, {field, value...}, ...}.
-_READ = """
-local budget = tonumber(ARGV[4])
-local cursor = ARGV[7]
-local out = {'0-0', ''}
-for _ = 1, tonumber(ARGV[3]) do
-  local items
-  if ARGV[5] == 'new' then
-    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
-                             'STREAMS', KEYS[1], '>')
-    if not reply or #reply == 0 then break end
-    -- {{stream, entries}} from Redis; fakeredis hands a script {stream, entries}
-    if type(reply[1]) == 'table' then items = reply[1][2] else items = reply[2] end
-  else
-    local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[6], cursor,
-                             'COUNT', 1)
-    cursor = reply[1]
-    items = reply[2]
-  end
-  local entry = items and items[1]
-  if entry and type(entry[2]) == 'table' then  -- (Redis 6.2 claims a deleted entry as {id})
-    local size = 0
-    for i = 1, #entry[2] do size = size + #entry[2][i] end
-    if size > budget then
-      out[2] = entry[1]
-      break
-    end
-    budget = budget - size
-    table.insert(out, entry[1])
-    table.insert(out, entry[2])
-  end
-  if ARGV[5] == 'claim' and cursor == '0-0' then break end
-end
-if ARGV[5] == 'claim' then out[1] = cursor end
-return out
-"""
-
-# Deletes the group's consumers (but ARGV[2]) with nothing pending, idle longer than ARGV[3]
-# ms; checked and deleted in one step, so none can take an entry in between and lose it.
-# KEYS: stream. ARGV: group, this consumer, idle ms. Returns the deleted names.
-_PRUNE = """
-local pruned = {}
-for _, row in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local info = {}
-  for i = 1, #row, 2 do info[row[i]] = row[i + 1] end
-  if info['name'] ~= ARGV[2] and tonumber(info['pending']) == 0
-      and tonumber(info['idle']) > tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
-    table.insert(pruned, info['name'])
-  end
-end
-return pruned
-"""
+# Scripts: worker/scripts/ingest_read.lua (entries one at a time while their total size
+# fits in a byte budget; runs at maxmemory too) and ingest_prune.lua (dead consumers,
+# checked and deleted in one step).
 
 
 @dataclass(frozen=True)
@@ -189,8 +132,8 @@ class IngestConsumer:
         self.block_ms = block_ms
         self.read_bytes = read_bytes
         self.clock = clock
-        self._read_script = raw_redis.register_script(_READ)
-        self._prune_script = raw_redis.register_script(_PRUNE)
+        self._read_script = raw_redis.register_script(scripts.load("ingest_read"))
+        self._prune_script = raw_redis.register_script(scripts.load("ingest_prune"))
         self._claim_cursor = "0-0"  # where the next reclaim() goes on scanning the PEL
 
     def ensure_group(self) -> None:

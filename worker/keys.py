@@ -1,8 +1,53 @@
 """Every Redis key fiscal-worker uses, with its type and lifetime: the whole footprint.
 
-Brands are validated (`A-Za-z0-9_.-`, 1-64 chars) before they reach a key, so a brand can
-never smuggle a `:` into another key's namespace. Nothing here grows without a bound: each
-key says what bounds it. The ingest stream's name is a setting (contract §2) and is passed in.
+Every key name, prefix and scan pattern is built here, in Python; the Lua scripts
+(worker/scripts/) get every key they touch through KEYS. Brands are validated
+(`A-Za-z0-9_.-`, 1-64 chars) before they reach a key, so a brand can never smuggle a `:`,
+`{` or `}` into another key's namespace. Nothing here grows without a bound: each key says
+what bounds it. The ingest stream's name is a setting and is passed in.
+
+Layout
+------
+Per-brand keys share the hash tag `{b:<brand>}`, so in a Redis Cluster every key of one
+brand lives in one slot and a script that touches only one brand's keys touches one slot:
+
+    fw:{b:<brand>}:token                    fw:{b:<brand>}:breaker
+    fw:{b:<brand>}:token:refresh-lock       fw:{b:<brand>}:breaker:probe
+    fw:{b:<brand>}:token:auth-failure       fw:{b:<brand>}:lock:<receipt_id>
+    fw:{b:<brand>}:rate:tat|front|pause|calls|others
+    fw:{b:<brand>}:fiscalised:<receipt_id>  fw:{b:<brand>}:audit:<receipt_id>[:attempts]
+
+Global keys (no hash tag: each is placed by its whole name, so two share a slot only by
+chance):
+
+    fw:schedule, fw:result:<rid>            the unfinished results (worker/store.py)
+    fw:dlq:*                                the dead-letter store, its indexes (one of them
+                                            per brand, fw:dlq:brand:<brand>, kept with the
+                                            others: the DLQ scripts change them together),
+                                            counts and size
+    fw:counters, fw:workers, fw:auth-rate, fw:failed-calls:<minute>
+    fiscal (and kombu's own keys)           the Celery queue
+    the ingest stream                       a setting (default fiscal:results)
+
+Cluster readiness, not Cluster support
+--------------------------------------
+Single-slot scripts (one brand's keys, or one key): ratelimit_reserve, ratelimit_pause,
+ratelimit_take, ratelimit_observe, ratelimit_auth_reserve, breaker_allow, breaker_record,
+idempotency_acquire / _extend / _release / _hold_in_flight, audit_set_state,
+tokens_unlock, tokens_drop_if_current, ingest_read, ingest_prune.
+
+Scripts that cross slots (and so would not run on a Redis Cluster as they are):
+    store_admit       the schedule, result records, and the rate, breaker and fiscalised
+                      keys of every brand among the results it admits
+    store_fence       a receipt lock (per brand) with a result record and the schedule
+    store_create, store_begin, store_renew, store_hold, store_published,
+    store_reschedule  a result record (or several) with the schedule
+    dlq_add, dlq_remove  the dead-letter keys (global, untagged)
+    dlq_replay        the ingest stream with the dead-letter keys
+Likewise the MULTI/EXEC transactions that settle a result (its record, the schedule, the
+fiscalised marker, the audit trail, the dead-letter store, the counters) span slots.
+Atomicity across those keys is what keeps every result exactly once in effect, so running
+on a Cluster would need the global keys tagged and those steps redesigned: not done here.
 """
 
 from __future__ import annotations
@@ -19,48 +64,126 @@ CELERY_QUEUE = "fiscal"
 INGEST_GROUP = "fiscal-worker"
 
 
+# --- per brand: one hash tag, one Cluster slot --------------------------------------------
+
+
+def _brand(brand: str) -> str:
+    """The brand's namespace, `fw:{b:<brand>}`: the hash tag every key of the brand shares."""
+    return f"{PREFIX}:{{b:{brand}}}"
+
+
+_BRAND_KEY = re.compile(re.escape(PREFIX) + r":\{b:([^}]*)\}:")
+
+
+def brand_of(key: str) -> str | None:
+    """The brand a per-brand key belongs to (the inside of its hash tag), or None."""
+    match = _BRAND_KEY.match(key)
+    return match.group(1) if match else None
+
+
 def token(brand: str) -> str:
     """string: the brand's access token JSON {token, expires_at}; TTL = the token's life."""
-    return f"{PREFIX}:token:{brand}"
+    return f"{_brand(brand)}:token"
 
 
 def token_refresh_lock(brand: str) -> str:
     """string: who is refreshing the brand's token; TTL a few seconds (released on done)."""
-    return f"{PREFIX}:token:{brand}:refresh-lock"
+    return f"{_brand(brand)}:token:refresh-lock"
 
 
 def token_auth_failure(brand: str) -> str:
     """string: the last /v2/auth rejection of the brand (no secret); TTL ~10 s, so other
     processes fail fast instead of each spending the auth budget."""
-    return f"{PREFIX}:token:{brand}:auth-failure"
+    return f"{_brand(brand)}:token:auth-failure"
 
 
-def rate_prefix(brand: str) -> str:
-    """Prefix of the brand's rate-budget keys (worker/ratelimit.py):
-    <prefix>tat     string: next free call slot (unix s); TTL = until it + one window
-    <prefix>front   string: next slot ahead of the queue, for results under way; same TTL
-    <prefix>pause   string: paused until (after a 429); TTL = the pause
-    <prefix>calls   zset: our calls in the last window; trimmed each call, TTL one window
-    <prefix>others  string: other clients' estimated use of the budget; TTL one window"""
-    return f"{RATE_PREFIX}{brand}:"
+# The brand's rate-budget keys (worker/ratelimit.py).
 
 
-RATE_PREFIX = f"{PREFIX}:rate:"  # Lua scripts build rate_prefix(brand) from it
+def rate_tat(brand: str) -> str:
+    """string: the brand's next free call slot (unix s); TTL = until it + one window."""
+    return f"{_brand(brand)}:rate:tat"
 
 
-# string: the deployment's next /v2/auth slot (unix s); TTL until it passes.
-AUTH_RATE = f"{PREFIX}:auth-rate"
+def rate_front(brand: str) -> str:
+    """string: the next slot ahead of the queue, for results under way; TTL as rate_tat."""
+    return f"{_brand(brand)}:rate:front"
+
+
+def rate_pause(brand: str) -> str:
+    """string: paused until (unix s, after a 429); TTL = the pause."""
+    return f"{_brand(brand)}:rate:pause"
+
+
+def rate_calls(brand: str) -> str:
+    """zset: our calls in the last window (member -> unix s); trimmed at each call, TTL one
+    window."""
+    return f"{_brand(brand)}:rate:calls"
+
+
+def rate_others(brand: str) -> str:
+    """string: other clients' estimated use of the budget; TTL one window."""
+    return f"{_brand(brand)}:rate:others"
 
 
 def breaker(brand: str) -> str:
-    """hash: the brand's circuit breaker (state, failures, until, cooldown); no TTL while
-    open, deleted when it closes. Bounded by the brands with credentials."""
-    return f"{PREFIX}:breaker:{brand}"
+    """hash: the brand's circuit breaker (fields BREAKER_*: state, failures, until,
+    cooldown, opened_at); no TTL while open, deleted when it closes. Bounded by the brands
+    with credentials."""
+    return f"{_brand(brand)}:breaker"
+
+
+# The breaker hash's layout: written by worker/scripts/breaker_*.lua (their headers list
+# these), read by CircuitBreaker.state() and by admission (store_admit gets the field names
+# and the open value through ARGV).
+BREAKER_STATE = "state"  # BREAKER_OPEN or BREAKER_CLOSED
+BREAKER_FAILURES = "failures"  # consecutive failures
+BREAKER_UNTIL = "until"  # while open: no call before this (unix s)
+BREAKER_COOLDOWN = "cooldown"  # the current cool-down (s), doubled on each failed probe
+BREAKER_OPENED_AT = "opened_at"  # when it opened (unix s)
+BREAKER_FIELDS = (
+    BREAKER_STATE,
+    BREAKER_FAILURES,
+    BREAKER_UNTIL,
+    BREAKER_COOLDOWN,
+    BREAKER_OPENED_AT,
+)
+BREAKER_OPEN = "open"
+BREAKER_CLOSED = "closed"
 
 
 def breaker_probe(brand: str) -> str:
     """string: the one process probing an open circuit; TTL = probe timeout."""
-    return f"{PREFIX}:breaker:{brand}:probe"
+    return f"{_brand(brand)}:breaker:probe"
+
+
+def receipt_lock(brand: str, receipt_id: int | str) -> str:
+    """string: the worker that may call the API for this receipt now; TTL ~2 min."""
+    return f"{_brand(brand)}:lock:{receipt_id}"
+
+
+def fiscalised(brand: str, receipt_id: int | str) -> str:
+    """string: the fiscal_id this receipt was fiscalised with; TTL = marker TTL (30 days)."""
+    return f"{_brand(brand)}:fiscalised:{receipt_id}"
+
+
+def audit(brand: str, receipt_id: int | str) -> str:
+    """hash: the worker's record of one receipt (state, fiscal_id, device_id, ...);
+    TTL = audit TTL (90 days), renewed on every write. audit("*", "*") is a scan pattern
+    matching every audit key, attempts lists included."""
+    return f"{_brand(brand)}:audit:{receipt_id}"
+
+
+def audit_attempts(brand: str, receipt_id: int | str) -> str:
+    """list of JSON attempts (time, call, http_status, outcome), newest last, capped
+    at audit_max_attempts; same TTL as audit()."""
+    return f"{audit(brand, receipt_id)}:attempts"
+
+
+# --- global --------------------------------------------------------------------------------
+
+# string: the deployment's next /v2/auth slot (unix s); TTL until it passes.
+AUTH_RATE = f"{PREFIX}:auth-rate"
 
 
 def failed_calls(minute: int) -> str:
@@ -70,39 +193,16 @@ def failed_calls(minute: int) -> str:
 
 
 def result(result_id: str) -> str:
-    """hash: one result not finished yet (fields, attempts, dispatch); deleted when it
-    finishes (fiscalised or dead-lettered); TTL = both retry windows + a day, as a backstop."""
+    """hash: one result not finished yet (fields, attempts, dispatch, deadline); no TTL:
+    deleted when it finishes (fiscalised or dead-lettered), which it does by its deadline
+    at the latest (worker/store.py). Bounded by the unfinished results. result("*") is the
+    scan pattern of every record."""
     return f"{PREFIX}:result:{result_id}"
 
 
 # zset: result_id -> unix time it is due (to run, or to be re-driven if its lease lapses).
 # Holds exactly the unfinished results; bounded by them.
 SCHEDULE = f"{PREFIX}:schedule"
-
-
-def receipt_lock(brand: str, receipt_id: int) -> str:
-    """string: the worker that may call the API for this receipt now; TTL ~2 min."""
-    return f"{PREFIX}:lock:{brand}:{receipt_id}"
-
-
-def fiscalised(brand: str, receipt_id: int) -> str:
-    """string: the fiscal_id this receipt was fiscalised with; TTL = marker TTL (30 days)."""
-    return f"{FISCALISED_PREFIX}{brand}:{receipt_id}"
-
-
-FISCALISED_PREFIX = f"{PREFIX}:fiscalised:"  # Lua scripts build fiscalised() from it
-
-
-def audit(brand: str, receipt_id: int) -> str:
-    """hash: the worker's record of one receipt (state, fiscal_id, device_id, ...);
-    TTL = audit TTL (90 days), renewed on every write."""
-    return f"{PREFIX}:audit:{brand}:{receipt_id}"
-
-
-def audit_attempts(brand: str, receipt_id: int) -> str:
-    """list of JSON attempts (time, call, http_status, outcome), newest last, capped
-    at audit_max_attempts; same TTL as audit()."""
-    return f"{PREFIX}:audit:{brand}:{receipt_id}:attempts"
 
 
 # Dead-letter store: never trimmed (entries leave only by replay or purge); bounded by the
@@ -114,6 +214,7 @@ DLQ_COUNTS = f"{PREFIX}:dlq:counts"  # hash reason:<r> / brand:<b> -> count
 # string counter: total bytes of the stored entry JSON strings (sum of their STRLEN);
 # changed with every add and removal in the same script, never negative (deleted at 0).
 DLQ_BYTES = f"{PREFIX}:dlq:bytes"
+DLQ_PATTERN = f"{PREFIX}:dlq:*"  # scan pattern: every dead-letter key
 
 _RESULT_ID_IN_KEY = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
 
@@ -143,7 +244,8 @@ def dlq_by_reason(reason: str) -> str:
 
 
 def dlq_by_brand(brand: str) -> str:
-    """zset id -> seq, the entries of one brand (brand '' = unparsable message)."""
+    """zset id -> seq, the entries of one brand (brand '' = unparsable message). Global,
+    not under the brand's hash tag: the DLQ scripts change it with the other DLQ keys."""
     return f"{PREFIX}:dlq:brand:{brand}"
 
 

@@ -23,13 +23,15 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 import redis
 
 from worker import keys
 from worker.audit import AuditTrail
 from worker.breaker import CircuitBreaker, FailedCallGuard
-from worker.clopos import CloposClient
+from worker.clopos.client import CloposClient
+from worker.clopos.tokens import FAILURE_MEMORY_SECONDS
 from worker.decide import Action, confirms, decide
 from worker.dlq import DeadLetterStore
 from worker.errors import (
@@ -49,7 +51,6 @@ from worker.ratelimit import BrandBudget
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
 from worker.store import Begin, Damaged, ResultRecord, ResultStore, Superseded
-from worker.tokens import FAILURE_MEMORY_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,22 @@ class _RunGate:
         self.fiscaliser._fence(self.run)
 
 
+class Kind(StrEnum):
+    """How one run ended (the task's return value names it; counters are keyed by the
+    first three)."""
+
+    FISCALISED = "fiscalised"  # PATCHed: fiscal_id and lock are on the receipt
+    ALREADY_DONE = "already_done"  # the receipt carried them already
+    DUPLICATE = "duplicate"  # this worker fiscalised the receipt before (its marker)
+    DEAD_LETTERED = "dead_lettered"
+    PARKED = "parked"  # back in the schedule until `due`
+    GONE = Begin.GONE.value  # finished before this delivery
+    STALE = Begin.STALE.value  # a newer dispatch owns the result
+
+
 @dataclass(frozen=True)
 class Outcome:
-    kind: str  # fiscalised | already_done | duplicate | dead_lettered | parked | gone | stale
+    kind: Kind
     detail: str = ""
     reason: str | None = None  # dead-letter reason
     dlq_id: str | None = None
@@ -137,14 +151,14 @@ class Fiscaliser:
         begun = self.store.begin(rid, dispatch, self.clock())
         if isinstance(begun, Begin):
             detail = "finished already" if begun is Begin.GONE else "superseded"
-            return Outcome(begun.value, detail)
+            return Outcome(Kind(begun.value), detail)
         try:
             if isinstance(begun, Damaged):
                 return self._dead_letter_damaged(begun)
             return self._run(begun)
         except Superseded:
             # Our lease lapsed and the result was published again: that run owns it now.
-            return Outcome("stale", "lease lapsed; a newer dispatch runs it")
+            return Outcome(Kind.STALE, "lease lapsed; a newer dispatch runs it")
 
     def _run(self, record: ResultRecord) -> Outcome:
         if self.clock() >= record.deadline:
@@ -235,7 +249,7 @@ class Fiscaliser:
         if decision.action is Action.NOT_CLOSED:
             return self._not_ready(record, NotReadyError(decision.detail, http_status=got.status))
         if decision.action is Action.DONE:
-            return self._finish(record, "already_done", decision.detail)
+            return self._finish(record, Kind.ALREADY_DONE, decision.detail)
         patched = self.client.patch_receipt(
             record.brand, record.receipt_id, decision.fields, record.venue_id, gate=gate
         )
@@ -247,7 +261,7 @@ class Fiscaliser:
             raise TransientError(
                 "PATCH response does not show our fiscal_id locked", http_status=200
             )
-        return self._finish(record, "fiscalised", decision.detail, patched=True)
+        return self._finish(record, Kind.FISCALISED, decision.detail, patched=True)
 
     # --- before and after every HTTP request ------------------------------------------------
     def _gate(self, run: _Run) -> None:
@@ -351,7 +365,7 @@ class Fiscaliser:
         if marked is None:
             return None
         if marked == record.fiscal_id:
-            return self._finish(record, "duplicate", "already fiscalised by this worker")
+            return self._finish(record, Kind.DUPLICATE, "already fiscalised by this worker")
         return self._dead_letter(
             record, "fiscal_id_conflict", f"receipt was fiscalised with fiscal_id {marked!r}"
         )
@@ -445,10 +459,10 @@ class Fiscaliser:
                 error=error,
             )
         )
-        return Outcome("parked", error, due=due)
+        return Outcome(Kind.PARKED, error, due=due)
 
     def _finish(
-        self, record: ResultRecord, kind: str, detail: str, patched: bool = False
+        self, record: ResultRecord, kind: Kind, detail: str, patched: bool = False
     ) -> Outcome:
         with self.store.fenced(record) as pipe:
             self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipe)
@@ -460,12 +474,12 @@ class Fiscaliser:
                 pipeline=pipe,
             )
             self.store.forget(record.rid, pipe)
-            pipe.hincrby(keys.COUNTERS, kind, 1)
+            pipe.hincrby(keys.COUNTERS, kind.value, 1)
             if patched:
                 pipe.hincrby(keys.COUNTERS, "patches", 1)
         log.info(
             kv(
-                "result_" + kind,
+                f"result_{kind.value}",
                 rid=record.rid,
                 brand=record.brand,
                 receipt_id=record.receipt_id,
@@ -516,7 +530,7 @@ class Fiscaliser:
                 error=error,
             )
         )
-        return Outcome("dead_lettered", error, reason=reason, dlq_id=dlq_id)
+        return Outcome(Kind.DEAD_LETTERED, error, reason=reason, dlq_id=dlq_id)
 
     def _dead_letter_damaged(self, damaged: Damaged) -> Outcome:
         """A record that cannot be read: dead-letter what it holds (its payload is the
@@ -533,7 +547,7 @@ class Fiscaliser:
             self.store.forget(damaged.rid, pipe)
             pipe.hincrby(keys.COUNTERS, "dead_lettered:retries_exhausted", 1)
         log.error(kv("result_damaged", rid=damaged.rid, dlq_id=dlq_id, error=damaged.error))
-        return Outcome("dead_lettered", error, reason="retries_exhausted", dlq_id=dlq_id)
+        return Outcome(Kind.DEAD_LETTERED, error, reason="retries_exhausted", dlq_id=dlq_id)
 
     def _attempt(self, record: ResultRecord, call: str, status: int | None, outcome: str) -> None:
         self.audit.record_attempt(

@@ -13,7 +13,10 @@ import redis
 
 from worker.audit import AuditTrail
 from worker.breaker import CircuitBreaker, FailedCallGuard
-from worker.clopos import CloposClient
+from worker.clopos.auth import AuthCaller
+from worker.clopos.client import CloposClient
+from worker.clopos.tokens import TokenProvider, refresh_lock_seconds
+from worker.clopos.wire import Wire
 from worker.dlq import DeadLetterStore
 from worker.errors import RateLimitInfo
 from worker.idempotency import FiscalisedMarkers
@@ -23,7 +26,6 @@ from worker.redis_conn import redis_client
 from worker.retry import RetryPolicy
 from worker.settings import Settings, get_settings
 from worker.store import ResultStore
-from worker.tokens import TokenProvider, refresh_lock_seconds
 
 
 @dataclass
@@ -45,12 +47,13 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     r = redis_client(settings)
     credentials = settings.clopos_credentials()
-    client = CloposClient(
-        base_url=settings.clopos_base_url,
-        integrator_id=settings.clopos_integrator_id or "",
-        credentials=credentials,
+    wire = Wire(
+        settings.clopos_base_url,
         timeout=settings.http_timeout_seconds,
         connect_timeout=settings.http_connect_timeout_seconds,
+    )
+    auth = AuthCaller(
+        wire, integrator_id=settings.clopos_integrator_id or "", credentials=credentials
     )
     rate = rate_policy(settings)
     budget = BrandBudget(r, rate)
@@ -66,16 +69,15 @@ def build_runtime(settings: Settings) -> Runtime:
         if status is not None and status >= 400:  # what Clopos' flood guard counts
             guard.record_failure()
 
-    client.on_response = on_response
     tokens = TokenProvider(
         r,
-        client.authenticate,
+        auth.authenticate,
         auth_budget=AuthBudget(r, settings.auth_calls_per_minute),
         lock_seconds=refresh_lock_seconds(
             settings.http_connect_timeout_seconds, settings.http_timeout_seconds
         ),
     )
-    client.tokens = tokens
+    client = CloposClient(wire, tokens, on_response=on_response)
     store = ResultStore(
         r,
         lifetime=result_lifetime(settings),

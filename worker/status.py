@@ -25,11 +25,11 @@ def known_brands(r: redis.Redis, settings: Settings) -> list[str]:
     brands: set[str] = set()
     with contextlib.suppress(SettingsError):  # stats work without credentials
         brands.update(settings.clopos_credentials())
-    for key in r.scan_iter(match=keys.RATE_PREFIX + "*:tat", count=500):
-        brands.add(key[len(keys.RATE_PREFIX) : -len(":tat")])
-    for key in r.scan_iter(match=keys.breaker("*"), count=500):
-        if not key.endswith(":probe"):
-            brands.add(key[len(keys.breaker("")) :])
+    for pattern in (keys.rate_tat("*"), keys.breaker("*")):
+        for key in r.scan_iter(match=pattern, count=500):
+            brand = keys.brand_of(key)
+            if brand:
+                brands.add(brand)
     return sorted(brands)
 
 

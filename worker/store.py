@@ -44,9 +44,9 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import keys, scripts
 from worker.idempotency import ReceiptLock
-from worker.ratelimit import CALLS_PER_RESULT, RESERVE_LUA, RatePolicy
+from worker.ratelimit import CALLS_PER_RESULT, RatePolicy, reserve_keys
 
 QUEUE_LEASE_SECONDS = 120.0  # published, not started yet: longer than a short queue takes
 RUN_LEASE_SECONDS = 30.0  # started: renewed before every API call and by the heartbeat
@@ -87,184 +87,15 @@ class Superseded(Exception):
     """This run's dispatch is no longer the result's: it must not write anything."""
 
 
-# KEYS: result hash, schedule. ARGV: rid, fields-json, score.
-# Creates the record only if new, so a re-claimed stream entry cannot reset a result. A live
-# record has no TTL: it ends when the result finishes, or at its deadline (dead-lettered).
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local fields = cjson.decode(ARGV[2])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return 1
-"""
-
-# Admission: which results go to the Celery queue now. KEYS: schedule.
-# ARGV: mode ('due' | 'ids'), now, limit, lease-until, result prefix, rate prefix base,
-#       budget limit, window, margin, lead, calls per result, marker prefix,
-#       breaker prefix, orphan recheck, [ids...]
-# A result past its deadline, or whose receipt is already marked fiscalised, needs no call:
-# it goes at once (its task dead-letters or absorbs it). One whose brand is paused (429) or
-# has an open circuit waits, without reserving anything, until that ends (spread over the
-# cool-down). Any other reserves its calls' slots in its brand's budget (RESERVE_LUA; a
-# not-ready retry reserves only its GET; a result marked `first` - already under way -
-# reserves ahead of the queue) and is parked until its first slot if that is more than
-# `lead` away, its reservation kept; the rest are leased as queued and returned.
-# A schedule entry whose record is gone is an orphan: kept, looked at again later, and
-# returned for the dispatcher to dead-letter (never dropped silently).
-# Returns {parked, {orphan rids}, {rid, dispatch, brand, receipt_id, ...}}.
-_ADMIT = (
-    RESERVE_LUA
-    + """
-local now, lead = tonumber(ARGV[2]), tonumber(ARGV[10])
-local function spread(rid, width)
-  local h = math.floor(now * 1000)
-  for i = 1, #rid do h = (h * 31 + string.byte(rid, i)) % 1000003 end
-  return (h % 1000) / 1000 * math.max(1, width)
-end
-local function held_until(brand, rid)
-  local until_ = 0
-  local pause = tonumber(redis.call('GET', ARGV[6] .. brand .. ':pause'))
-  if pause and pause > now then until_ = pause + spread(rid, 1) end
-  local circuit = redis.call('HMGET', ARGV[13] .. brand, 'state', 'until')
-  local open_until = tonumber(circuit[2])
-  if circuit[1] == 'open' and open_until and open_until > now then
-    until_ = math.max(until_, open_until + spread(rid, open_until - now))
-  end
-  return until_
-end
-local rids
-if ARGV[1] == 'due' then
-  rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
-else
-  rids = {}
-  for i = 15, #ARGV do table.insert(rids, ARGV[i]) end
-end
-local parked, orphans, out = 0, {}, {}
-for _, rid in ipairs(rids) do
-  local key = ARGV[5] .. rid
-  local meta = redis.call('HMGET', key, 'brand', 'receipt_id', 'slot', 'not_ready_since',
-    'deadline', 'first', 'state')
-  if ARGV[1] == 'ids' and meta[7] ~= 'due' then
-    -- the ingest fast path: a dispatcher took it (or it finished) since it was recorded
-  elseif not meta[1] then
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[14]), rid)
-    table.insert(orphans, rid)
-  else
-    local slot = tonumber(meta[3])
-    local deadline = tonumber(meta[5])
-    if deadline and now >= deadline then
-      slot = now
-    elseif not slot then
-      if redis.call('EXISTS', ARGV[12] .. meta[1] .. ':' .. meta[2]) == 1 then
-        slot = now
-      else
-        local hold = held_until(meta[1], rid)
-        if hold > 0 then
-          slot = hold + lead  -- parked below, nothing reserved
-        else
-          local n = tonumber(ARGV[11])
-          if meta[4] and meta[4] ~= '' and meta[6] ~= '1' then n = 1 end
-          local _, start, step = reserve(ARGV[6] .. meta[1] .. ':', n, now,
-            tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), 1e18, meta[6] == '1')
-          redis.call('HSET', key, 'slot', fmt(start), 'step', fmt(step), 'slots', n)
-          slot = start
-        end
-      end
-      if deadline and slot - lead > deadline then slot = deadline + lead end
-    end
-    if slot - now > lead then
-      redis.call('ZADD', KEYS[1], fmt(slot - lead), rid)
-      redis.call('HSET', key, 'state', 'parked')
-      parked = parked + 1
-    else
-      redis.call('ZADD', KEYS[1], ARGV[4], rid)
-      local d = redis.call('HINCRBY', key, 'dispatch', 1)
-      redis.call('HSET', key, 'state', 'queued')
-      table.insert(out, rid); table.insert(out, d)
-      table.insert(out, meta[1]); table.insert(out, meta[2] or '')
-    end
-  end
-end
-return {parked, orphans, out}
-"""
-)
-
-# KEYS: result hash, schedule. ARGV: rid, dispatch, lease-until.
-# A task starts: only the current dispatch may run; it leases the result for RUN_LEASE.
-# PERSIST: a record written by an older version with a TTL lives until it finishes.
-_BEGIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
-if redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[2] then return {'stale'} end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[1], 'state', 'running')
-redis.call('PERSIST', KEYS[1])
-return {'ok', redis.call('HGETALL', KEYS[1])}
-"""
-
-# KEYS: result hash, schedule. ARGV: rid, dispatch, lease-until. Renew a running lease.
-_RENEW = """
-if redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[2] then return 0 end
-return redis.call('ZADD', KEYS[2], 'XX', 'CH', ARGV[3], ARGV[1]) + 1
-"""
-
-# KEYS: schedule, then one result hash per held result. ARGV: lease-until, then one
-# (rid, dispatch) pair per result. A live worker's heartbeat: the results it holds
-# (received, prefetched or running) stay leased; a parked or re-dispatched one is left alone.
-_HOLD = """
-local renewed = 0
-for i = 2, #KEYS do
-  local rid, dispatch = ARGV[2 * i - 2], ARGV[2 * i - 1]
-  local meta = redis.call('HMGET', KEYS[i], 'dispatch', 'state')
-  if meta[1] == dispatch and (meta[2] == 'queued' or meta[2] == 'running') then
-    renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', ARGV[1], rid)
-  end
-end
-return renewed
-"""
-
-# KEYS: schedule, then one result hash per published result. ARGV: the publish lease they
-# were admitted with, the queue lease, then (rid, dispatch) pairs. Their messages are in the
-# queue: lease them for as long as a message may wait there, unless a worker already
-# received one (its hold changed the score: that worker's heartbeat owns the lease now).
-_PUBLISHED = """
-local extended = 0
-for i = 2, #KEYS do
-  local rid, dispatch = ARGV[2 * i - 1], ARGV[2 * i]
-  local meta = redis.call('HMGET', KEYS[i], 'dispatch', 'state')
-  local score = redis.call('ZSCORE', KEYS[1], rid)
-  if meta[1] == dispatch and meta[2] == 'queued' and score
-      and tonumber(score) == tonumber(ARGV[1]) then
-    redis.call('ZADD', KEYS[1], ARGV[2], rid)
-    extended = extended + 1
-  end
-end
-return extended
-"""
-
-# KEYS: receipt lock, result hash, schedule. ARGV: lock token, lock ms, rid, dispatch,
-# lease-until. Right before a request is sent: this run must still be the result's current
-# dispatch and hold the receipt's lock (a fencing check); both are extended, atomically.
-_FENCE = """
-if redis.call('HGET', KEYS[2], 'dispatch') ~= ARGV[4] then return 'superseded' end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lock_lost' end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[3], 'XX', ARGV[5], ARGV[3])
-return 'ok'
-"""
-
-# KEYS: schedule, then one result hash per rid. ARGV: now, then the rids. Puts back in the
-# schedule, due now, every record that lost its schedule entry; returns those rids.
-_RESCHEDULE = """
-local found = {}
-for i = 2, #KEYS do
-  local rid = ARGV[i]
-  if redis.call('EXISTS', KEYS[i]) == 1 and not redis.call('ZSCORE', KEYS[1], rid) then
-    redis.call('ZADD', KEYS[1], ARGV[1], rid)
-    table.insert(found, rid)
-  end
-end
-return found
-"""
+# The scripts, worker/scripts/store_*.lua (each one's header gives its KEYS and ARGV):
+#   store_create       record a new result, only if it is new
+#   store_admit        admission: publish, park, or report as orphans the candidates read
+#   store_begin        a task starts: only the current dispatch may run
+#   store_renew        renew a running lease
+#   store_hold         a worker's heartbeat keeps the results it holds leased
+#   store_published    their messages are in the queue: the queue lease
+#   store_fence        right before a request: the dispatch and the receipt lock still ours
+#   store_reschedule   records that lost their schedule entry are put back
 
 
 @dataclass
@@ -365,6 +196,9 @@ class Admission:
     publish: list[Claimed]
     parked: int
     orphans: list[str] = field(default_factory=list)
+    # candidates read that another dispatcher (or the end of the result) took before
+    # the admission script ran: more may be due
+    skipped: int = 0
 
     @property
     def handled(self) -> int:
@@ -406,14 +240,14 @@ class ResultStore:
         self.queue_lease = queue_lease
         self.run_lease = run_lease
         self.publish_lease = publish_lease
-        self._create = redis_client.register_script(_CREATE)
-        self._admit = redis_client.register_script(_ADMIT)
-        self._begin = redis_client.register_script(_BEGIN)
-        self._renew = redis_client.register_script(_RENEW)
-        self._hold = redis_client.register_script(_HOLD)
-        self._fence = redis_client.register_script(_FENCE)
-        self._published = redis_client.register_script(_PUBLISHED)
-        self._reschedule = redis_client.register_script(_RESCHEDULE)
+        self._create = redis_client.register_script(scripts.load("store_create"))
+        self._admit = redis_client.register_script(scripts.load("store_admit"))
+        self._begin = redis_client.register_script(scripts.load("store_begin"))
+        self._renew = redis_client.register_script(scripts.load("store_renew"))
+        self._hold = redis_client.register_script(scripts.load("store_hold"))
+        self._fence = redis_client.register_script(scripts.load("store_fence"))
+        self._published = redis_client.register_script(scripts.load("store_published"))
+        self._reschedule = redis_client.register_script(scripts.load("store_reschedule"))
 
     def create(
         self,
@@ -450,23 +284,46 @@ class ResultStore:
         return self._run_admit("ids", now, len(rids), rids) if rids else Admission([], 0)
 
     def _run_admit(self, mode: str, now: float, limit: int, rids: list[str]) -> Admission:
+        """Admission in two steps: read the candidates (mode 'due': the schedule's entries
+        due by `now`) and their brands and receipts, then store_admit re-checks each one and
+        admits it atomically, with the keys of its brand and receipt passed in KEYS."""
+        if mode == "due":
+            found = self.redis.zrangebyscore(keys.SCHEDULE, "-inf", repr(now), start=0, num=limit)
+            rids = [_text(rid) for rid in found]
+        if not rids:
+            return Admission([], 0)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for rid in rids:
+                pipe.hmget(keys.result(rid), "brand", "receipt_id")
+            metas = pipe.execute()
+        script_keys = [keys.SCHEDULE]
+        candidates: list[str] = []
+        for rid, (brand, receipt_id) in zip(rids, metas, strict=True):
+            brand = "" if brand is None else _text(brand)
+            receipt = "" if receipt_id is None else _text(receipt_id)
+            script_keys.append(keys.result(rid))
+            if brand:
+                script_keys += [
+                    keys.fiscalised(brand, receipt),
+                    *reserve_keys(brand),
+                    keys.breaker(brand),
+                ]
+            candidates += [rid, brand, receipt]
         lease_until = now + self.publish_lease
-        parked, orphans, flat = self._admit(
-            keys=[keys.SCHEDULE],
+        parked, orphans, flat, skipped = self._admit(
+            keys=script_keys,
             args=[
                 mode,
                 repr(now),
-                limit,
                 repr(lease_until),
-                keys.result(""),
-                keys.RATE_PREFIX,
                 *self.rate.lua_args(),
                 repr(self.rate.lead),
                 CALLS_PER_RESULT,
-                keys.FISCALISED_PREFIX,
-                keys.breaker(""),
                 repr(ORPHAN_RECHECK_SECONDS),
-                *rids,
+                keys.BREAKER_STATE,
+                keys.BREAKER_UNTIL,
+                keys.BREAKER_OPEN,
+                *candidates,
             ],
         )
         publish = [
@@ -479,7 +336,7 @@ class ResultStore:
             )
             for i in range(0, len(flat), 4)
         ]
-        return Admission(publish, int(parked), [_text(rid) for rid in orphans])
+        return Admission(publish, int(parked), [_text(rid) for rid in orphans], int(skipped))
 
     def begin(self, rid: str, dispatch: int, now: float) -> ResultRecord | Begin | Damaged:
         """The record if this dispatch may run, else why not (or that it is unreadable)."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from support import RedisServer, WorkerProcess, wait_for
+
+from worker.testing import RedisServer, WorkerProcess, wait_for
 
 # The worker's lease settings, as FAST (tests/integration/conftest.py) shortens them.
 LEASE_VARIABLES = (
@@ -148,7 +149,8 @@ def fiscalised_count(fake: Any, brand: str, receipt_ids: Iterable[int]) -> int:
 
 
 class TlsRedisServer(RedisServer):
-    """A private redis-server that listens only on a TLS port (rediss://)."""
+    """A private redis-server that listens only on a TLS port (rediss://); AOF, fsynced
+    every second."""
 
     def __init__(self, directory: Path, password: str, certs: dict[str, Path]) -> None:
         super().__init__(directory, password)
@@ -158,22 +160,22 @@ class TlsRedisServer(RedisServer):
     def url(self) -> str:
         return f"rediss://:{self.password}@127.0.0.1:{self.port}/0"
 
-    def client(self, decode: bool = True) -> redis.Redis:
+    def client(self, decode: bool = True, **options: Any) -> redis.Redis:
         return redis.Redis.from_url(
-            self.url, decode_responses=decode, ssl_ca_certs=str(self.certs["ca"])
+            self.url, decode_responses=decode, ssl_ca_certs=str(self.certs["ca"]), **options
         )
 
-    def start(self) -> None:
-        args = [
-            "redis-server", "--port", "0", "--tls-port", str(self.port),
-            "--tls-cert-file", str(self.certs["cert"]), "--tls-key-file", str(self.certs["key"]),
-            "--tls-ca-cert-file", str(self.certs["ca"]), "--tls-auth-clients", "no",
-            "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-            "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
-            "--requirepass", str(self.password),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args)
-        wait_for(self._ping, timeout=10, what=f"TLS redis-server on port {self.port}")
+    def config(self, binary: str) -> dict[str, str]:
+        directives = super().config(binary)
+        del directives["appendfsync"]
+        return directives | {
+            "port": "0",
+            "tls-port": str(self.port),
+            "tls-cert-file": str(self.certs["cert"]),
+            "tls-key-file": str(self.certs["key"]),
+            "tls-ca-cert-file": str(self.certs["ca"]),
+            "tls-auth-clients": "no",
+        }
 
 
 def make_certs(directory: Path) -> dict[str, Path]:

@@ -18,6 +18,8 @@ from faults.harness import (
 )
 from support import closed, wait_for
 
+from worker import keys
+
 pytestmark = pytest.mark.faults
 
 A = "openapitest"
@@ -61,7 +63,7 @@ def test_fault_05_clopos_outage_with_a_backlog(r, fake, env, start_worker, ledge
     fake.set_latency(0.0, brand=A, method="PATCH")
     until(started + 28)
     during = tree_rss(worker)
-    dead_during = r.zcard("fw:dlq:index")
+    dead_during = r.zcard(keys.DLQ_INDEX)
     queued_during = r.llen("fiscal")
     until(started + 30)
     ended, ended_at = time.monotonic(), time.time()

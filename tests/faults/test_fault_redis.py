@@ -12,6 +12,8 @@ import redis
 from faults.harness import alive, fiscalised_count, until, wide_budget
 from support import closed, wait_for
 
+from worker import keys
+
 pytestmark = pytest.mark.faults
 
 A = "openapitest"
@@ -133,7 +135,7 @@ def test_fault_11_redis_full_under_noeviction(r, fake, start_worker, ledger):
         r.xadd("fiscal:results", {"data": '{"receipt_id": 60, "brand": "x", "fiscal_id": "F"}'})
     ledger.figure("limit_mib", int(r.config_get("maxmemory")["maxmemory"]) / MIB)
     ledger.figure("stream_at_limit", r.xlen("fiscal:results"))
-    ledger.figure("unfinished_at_limit", r.zcard("fw:schedule"))
+    ledger.figure("unfinished_at_limit", r.zcard(keys.SCHEDULE))
 
     until(time.monotonic() + 20)  # at the limit: the worker can write nothing
     survived = alive(worker)

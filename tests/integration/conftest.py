@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from support import RedisServer, WorkerProcess, write_credentials
+from support import ROOT, RedisServer
 
 from worker.fake_clopos import FakeClopos
+from worker.testing import WorkerProcess, start_fake_clopos, worker_env, write_credentials
 
 BRANDS = {
     "openapitest": ("client-openapitest", "secret-openapitest-0001"),
@@ -55,31 +55,20 @@ def r(redis_server: RedisServer) -> redis.Redis:
 
 @pytest.fixture
 def fake() -> Iterator[FakeClopos]:
-    api = FakeClopos(
-        integrator_id=INTEGRATOR,
-        brands={b: {"client_id": cid, "client_secret": s} for b, (cid, s) in BRANDS.items()},
-    )
-    api.start()
+    api = start_fake_clopos(BRANDS, integrator_id=INTEGRATOR)
     yield api
     api.stop()
 
 
 @pytest.fixture
 def env(redis_server: RedisServer, fake: FakeClopos, tmp_path: Path) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FISCAL_")}
-    base.update(FAST)
-    base.update(
-        {
-            "FISCAL_REDIS_URL": redis_server.url,
-            "FISCAL_CLOPOS_BASE_URL": fake.base_url,
-            "FISCAL_CLOPOS_INTEGRATOR_ID": INTEGRATOR,
-            "FISCAL_CLOPOS_CREDENTIALS_FILE": str(
-                write_credentials(tmp_path / "creds.json", BRANDS)
-            ),
-            "PYTHONUNBUFFERED": "1",
-        }
+    return worker_env(
+        redis_url=redis_server.url,
+        clopos_url=str(fake.base_url),
+        integrator_id=INTEGRATOR,
+        credentials_file=write_credentials(tmp_path / "creds.json", BRANDS),
+        settings=FAST,
     )
-    return base
 
 
 @pytest.fixture
@@ -87,9 +76,12 @@ def start_worker(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., 
     started: list[WorkerProcess] = []
 
     def start(name: str = "w1", concurrency: int = 2, **overrides: str) -> WorkerProcess:
-        worker_env = {**env, **overrides}
         process = WorkerProcess(
-            worker_env, tmp_path / f"{name}.log", name=name, concurrency=concurrency
+            {**env, **overrides},
+            tmp_path / f"{name}.log",
+            name=name,
+            concurrency=concurrency,
+            cwd=ROOT,
         )
         started.append(process)
         return process.start()

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from support import ROOT, wait_for
 
+from worker.testing import clean_env
+
 pytestmark = pytest.mark.integration
 
 DEMO_TIMEOUT = 120
@@ -22,7 +24,7 @@ EXPECTED_REASONS = ("invalid_message", "unknown_brand", "fiscal_id_conflict", "r
 
 
 def demo_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FISCAL_")}
+    return clean_env()
 
 
 def demo_command(*args: str) -> list[str]:

@@ -10,6 +10,8 @@ import httpx
 import pytest
 from support import ROOT, closed, free_port, wait_finished, wait_for, xadd
 
+from worker import keys
+
 B = "openapitest"
 
 
@@ -58,5 +60,5 @@ def test_flower_shows_tasks_behind_auth_without_secrets(r, fake, start_worker, f
     failed = next(t for t in found.values() if t["state"] == "FAILURE")
     assert "unknown_brand dlq_id=dl-" in failed["exception"]
     text = str(found)
-    for secret in ["secret-openapitest-0001", r.get("fw:token:openapitest") or "no-token"]:
+    for secret in ["secret-openapitest-0001", r.get(keys.token("openapitest")) or "no-token"]:
         assert secret not in text

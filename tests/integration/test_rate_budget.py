@@ -63,7 +63,7 @@ def test_server_pressure_slows_the_fleet_instead_of_collecting_429s(r, fake, sta
         xadd(r, {"receipt_id": rid, "brand": A, "fiscal_id": f"F-{rid}"})
     wait_for(lambda: fiscalised(fake, A, receipts) == 20, timeout=90, what="20 fiscalised")
     stats = fake.stats()
-    others = r.get(keys.rate_prefix(A) + "others")
+    others = r.get(keys.rate_others(A))
     print(f"429s {stats['rate_limited'].get(A, 0)} others-estimate {others}")
     # Before the first answer the fleet cannot know; after it, it keeps to the other half.
     assert stats["rate_limited"].get(A, 0) <= 3

@@ -8,26 +8,30 @@ import pytest
 import redis
 from support import closed, wait_for
 
-from worker.clopos import CloposClient
+from worker import keys
+from worker.clopos.auth import AuthCaller
+from worker.clopos.client import CloposClient
+from worker.clopos.tokens import TokenProvider
+from worker.clopos.wire import Wire
 from worker.settings import BrandCredentials
-from worker.tokens import TokenProvider
 
 BRANDS = {"openapitest": ("client-openapitest", "secret-openapitest-0001"),
           "brand2": ("client-brand2", "secret-brand2-0002")}  # fmt: skip
 
 
 def make_client(redis_url: str, base_url: str) -> CloposClient:
-    client = CloposClient(
-        base_url=base_url,
+    wire = Wire(base_url)
+    auth = AuthCaller(
+        wire,
         integrator_id="fake-integrator",
         credentials={
             b: BrandCredentials(client_id=c, client_secret=s) for b, (c, s) in BRANDS.items()
         },
     )
-    client.tokens = TokenProvider(
-        redis.Redis.from_url(redis_url, decode_responses=True), client.authenticate
+    tokens = TokenProvider(
+        redis.Redis.from_url(redis_url, decode_responses=True), auth.authenticate
     )
-    return client
+    return CloposClient(wire, tokens)
 
 
 def ask_for_tokens(redis_url: str, base_url: str, barrier, out) -> None:
@@ -62,7 +66,7 @@ def test_expiry_causes_one_refresh(redis_server, fake):
     fake.token_lifetime = 2.0
     first = run_processes(redis_server.url, fake.base_url, n=4)
     r = redis_server.client()
-    wait_for(lambda: not r.exists("fw:token:openapitest", "fw:token:brand2"), timeout=10)
+    wait_for(lambda: not r.exists(keys.token("openapitest"), keys.token("brand2")), timeout=10)
     second = run_processes(redis_server.url, fake.base_url, n=8)
     assert len(set(second)) == 1 and second[0] != first[0]
     assert fake.stats()["auth_calls"] == {"brand2": 2, "openapitest": 2}
@@ -83,5 +87,5 @@ def test_token_ttl_in_redis_is_no_longer_than_its_life(redis_server, fake, lifet
     fake.token_lifetime = lifetime
     client = make_client(redis_server.url, fake.base_url)
     client.tokens.get("openapitest")
-    ttl = redis_server.client().pttl("fw:token:openapitest")
+    ttl = redis_server.client().pttl(keys.token("openapitest"))
     assert 0 < ttl <= lifetime * 1000

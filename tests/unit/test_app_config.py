@@ -42,3 +42,51 @@ def test_client_secrets_and_the_redis_password_are_masked_in_every_log_line(tmp_
     reset_clients()
     line = redact("auth with s3cr3t-value-77 at redis://:redis-pw-9911@host")
     assert "s3cr3t-value-77" not in line and "redis-pw-9911" not in line
+
+
+def test_publish_sends_the_registered_task_by_name_with_ids_only():
+    """The worker package publishes by name; the message lands on the one queue, carries
+    ids only, and its name is the task tasks/fiscalise.py registers."""
+    code = """
+import json
+from worker.app import QUEUE, TASK_NAME, app, publish
+app.conf.broker_url = "memory://"
+publish("1700000000000-0", 3, "openapitest", "42")
+with app.connection_for_read() as conn:
+    message = conn.SimpleQueue(QUEUE).get(timeout=5)
+    import tasks.fiscalise
+    print(json.dumps({
+        "name": message.headers["task"], "id": message.headers["id"],
+        "body": message.decode()[:2], "type": message.content_type,
+        "registered": tasks.fiscalise.fiscalise.name == TASK_NAME,
+    }))
+"""
+    env = {"FISCAL_REDIS_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    import json
+
+    sent = json.loads(out)
+    assert sent == {
+        "name": "fiscal.fiscalise",
+        "id": "1700000000000-0",
+        "body": [["1700000000000-0", 3], {"brand": "openapitest", "receipt_id": 42}],
+        "type": "application/json",
+        "registered": True,
+    }
+
+
+def test_the_worker_package_never_imports_the_tasks_package():
+    import ast
+
+    offenders = []
+    for path in (ROOT / "worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tasks"]
+    assert offenders == []

@@ -3,6 +3,7 @@ and the real entry point in a subprocess for the failure paths."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -18,12 +19,13 @@ import pytest
 import redis as redis_lib
 from click.testing import CliRunner, Result
 
-from worker import cli as cli_module
 from worker import redis_conn
 from worker.audit import AuditTrail
 from worker.cli import cli
+from worker.cli import dlq as dlq_commands
 from worker.dlq import MAX_PAYLOAD_BYTES, REASONS, DeadLetterStore
 from worker.settings import get_settings
+from worker.testing import clean_env
 
 CONTRACT_FIELDS = {
     "id", "reason", "receipt_id", "brand", "fiscal_id", "attempts", "first_seen",
@@ -34,9 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("FISCAL_"):
-            monkeypatch.delenv(name)
+    """This process without the FISCAL_* settings of the shell it runs in."""
+    for name in set(os.environ) - set(clean_env()):
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -332,7 +334,7 @@ def test_bulk_purge_without_a_terminal_needs_yes(store: DeadLetterStore) -> None
 def test_bulk_purge_asks(
     store: DeadLetterStore, monkeypatch: pytest.MonkeyPatch, answer: str, code: int, left: int
 ) -> None:
-    monkeypatch.setattr(cli_module, "_stdin_is_interactive", lambda: True)
+    monkeypatch.setattr(dlq_commands, "_stdin_is_interactive", lambda: True)
     add(store, reason="auth_failed")
     add(store, reason="auth_failed")
     add(store, reason="receipt_not_found")
@@ -479,6 +481,54 @@ def test_demo_exit_status_is_run_demos(monkeypatch: pytest.MonkeyPatch, code: in
     assert run("demo").exit_code == code
 
 
+DEMO_EXTRA = (
+    "needs the [demo] extra (starlette, uvicorn, fakeredis): pip install 'fiscal-worker[demo]'"
+)
+
+
+@pytest.mark.parametrize("package", ["starlette", "uvicorn"])
+@pytest.mark.parametrize(
+    ("command", "module", "what"),
+    [("demo", "worker.demo", "the demo"), ("fake-clopos", "worker.fake_clopos", "fake-clopos")],
+)
+def test_a_missing_demo_extra_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, command: str, module: str, what: str, package: str
+) -> None:
+    # As in an install without the extra: nothing cached (a cached `starlette.routing` would
+    # import without its parent), and the package itself blocked (None: `import` fails).
+    for name in list(sys.modules):
+        if name.startswith(("worker.demo", "worker.fake_clopos", f"{package}.")):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(ModuleNotFoundError):  # else the command would start the real thing
+        importlib.import_module(module)
+    result = run(command)
+    assert result.exit_code == 1
+    assert one_line(result.stderr) == f"error: {what} {DEMO_EXTRA}"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("missing", "extra"), [("fakeredis", True), ("fakeredis.aio", True), ("nope", False)]
+)
+def test_a_module_missing_while_the_demo_runs(
+    monkeypatch: pytest.MonkeyPatch, missing: str, extra: bool
+) -> None:
+    def run_demo(**_: object) -> int:
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    module = types.ModuleType("worker.demo")
+    module.run_demo = run_demo  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "worker.demo", module)
+    result = run("demo")
+    assert result.exit_code == 1
+    if extra:
+        assert one_line(result.stderr) == f"error: the demo {DEMO_EXTRA}"
+    else:  # not the extra's: a bug, raised as it is
+        assert isinstance(result.exception, ModuleNotFoundError)
+        assert result.exception.name == missing
+
+
 # --- failures --------------------------------------------------------------------------
 
 
@@ -551,10 +601,9 @@ def test_help_everywhere() -> None:
 
 
 def _run_process(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FISCAL_")}
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
-        env={**clean, **env},
+        env={**clean_env(), **env},
         capture_output=True,
         text=True,
         timeout=60,

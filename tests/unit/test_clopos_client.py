@@ -9,7 +9,9 @@ import logging
 import httpx
 import pytest
 
-from worker.clopos import CloposClient, Token
+from worker.clopos.auth import AuthCaller, Token
+from worker.clopos.client import CloposClient
+from worker.clopos.wire import Wire
 from worker.errors import (
     AuthError,
     NotReadyError,
@@ -52,22 +54,29 @@ def envelope(data=None, **extra):
 
 
 def make_client(handler, on_response=None) -> tuple[CloposClient, StubTokens, list[httpx.Request]]:
+    client, tokens, _, seen = make_api(handler, on_response)
+    return client, tokens, seen
+
+
+def make_api(handler, on_response=None):
+    """(client, stub tokens, auth caller, requests seen) over one mock transport."""
     seen: list[httpx.Request] = []
 
     def record(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return handler(request)
 
-    client = CloposClient(
-        base_url="https://clopos.test/open-api/",
+    wire = Wire(
+        "https://clopos.test/open-api/", http=httpx.Client(transport=httpx.MockTransport(record))
+    )
+    auth = AuthCaller(
+        wire,
         integrator_id="integrator-1",
         credentials={"b1": BrandCredentials(client_id="cid", client_secret=SECRET)},
-        http=httpx.Client(transport=httpx.MockTransport(record)),
-        on_response=on_response,
     )
     tokens = StubTokens()
-    client.tokens = tokens
-    return client, tokens, seen
+    client = CloposClient(wire, tokens, on_response=on_response)
+    return client, tokens, auth, seen
 
 
 def respond(status, body=None, headers=None, content=None):
@@ -266,9 +275,9 @@ def test_get_without_venue_sends_no_x_venue():
 
 
 def test_timeouts_are_explicit_and_above_the_upstream_limit():
-    client = CloposClient(base_url="https://x", integrator_id="i", credentials={})
-    assert client.http.timeout.read is not None and client.http.timeout.read > 8
-    assert client.http.timeout.connect is not None
+    wire = Wire("https://x")
+    assert wire.http.timeout.read is not None and wire.http.timeout.read > 8
+    assert wire.http.timeout.connect is not None
 
 
 def auth_handler(status, body):
@@ -280,7 +289,7 @@ def auth_handler(status, body):
 
 
 def test_authenticate_returns_a_token_with_its_lifetime():
-    client, _, seen = make_client(
+    _, _, auth, seen = make_api(
         auth_handler(
             200,
             {
@@ -293,7 +302,7 @@ def test_authenticate_returns_a_token_with_its_lifetime():
             },
         )
     )
-    token = client.authenticate("b1")
+    token = auth.authenticate("b1")
     assert token.value == TOKEN and token.lifetime == 3600
     sent = json.loads(seen[0].content)
     assert sent == {
@@ -321,16 +330,16 @@ def test_authenticate_returns_a_token_with_its_lifetime():
     ],
 )
 def test_rejected_authentication_is_an_auth_error(status, body):
-    client, _, _ = make_client(auth_handler(status, body))
+    _, _, auth, _ = make_api(auth_handler(status, body))
     with pytest.raises(AuthError) as caught:
-        client.authenticate("b1")
+        auth.authenticate("b1")
     assert caught.value.call == "auth"
 
 
 def test_unknown_brand_cannot_authenticate_and_sends_nothing():
-    client, _, seen = make_client(auth_handler(200, {}))
+    _, _, auth, seen = make_api(auth_handler(200, {}))
     with pytest.raises(AuthError):
-        client.authenticate("nobody")
+        auth.authenticate("nobody")
     assert seen == []
 
 
@@ -342,13 +351,12 @@ def test_no_token_or_secret_reaches_the_logs(caplog):
             return httpx.Response(401, json={"success": False, "error": "invalid_token"})
         return httpx.Response(200, json=envelope(), headers=RATE)
 
-    client, _, _ = make_client(handler)
+    _, _, auth, _ = make_api(handler)
     caplog.set_level(logging.DEBUG)
     caplog.handler.addFilter(RedactingFilter())
-    token = client.authenticate("b1")
-    client.tokens = type(
-        "T", (), {"get": lambda s, b: token.value, "invalidate": lambda s, b, t: None}
-    )()
+    token = auth.authenticate("b1")
+    tokens = type("T", (), {"get": lambda s, b: token.value, "invalidate": lambda s, b, t: None})
+    client = CloposClient(auth.wire, tokens())
     client.get_receipt("b1", 7)
     with pytest.raises(AuthError):
         client.patch_receipt("b1", 7, {"lock": True})

@@ -102,7 +102,9 @@ def stored_bytes(redis: fakeredis.FakeRedis) -> int:
 
 
 def over_bound_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("dlq_over_bound")]
+    return [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("event=dlq_over_bound ")
+    ]
 
 
 # --- adding ----------------------------------------------------------------------------
@@ -302,7 +304,7 @@ def test_more_entries_than_warn_entries_are_all_kept_and_listed(
     assert_consistent(store, redis)
     # the 5th add reached the bound; the later ones are within the same minute
     assert over_bound_warnings(caplog) == [
-        f"dlq_over_bound entries=5 bytes={stats['bytes'] - sizes_of(redis, 6, 7, 8)} "
+        f"event=dlq_over_bound entries=5 bytes={stats['bytes'] - sizes_of(redis, 6, 7, 8)} "
         "warn_entries=5 warn_bytes=1073741824"
     ]
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
@@ -349,8 +351,8 @@ def test_over_bound_warning_again_after_a_minute(
         clock[0] += 2
         add(store)
     assert [m.split(" bytes=")[0] for m in over_bound_warnings(caplog)] == [
-        "dlq_over_bound entries=1",
-        "dlq_over_bound entries=3",
+        "event=dlq_over_bound entries=1",
+        "event=dlq_over_bound entries=3",
     ]
 
 
@@ -364,7 +366,7 @@ def test_add_on_a_pipeline_warns_over_the_bound(
         pipe.execute()
     assert store.count() == 2
     [warning] = over_bound_warnings(caplog)
-    assert warning.startswith("dlq_over_bound entries=2 bytes=")
+    assert warning.startswith("event=dlq_over_bound entries=2 bytes=")
     assert f"bytes={stored_bytes(redis)} " in warning
 
 

@@ -78,7 +78,7 @@ def test_others_use_lowers_capacity_and_the_window_guard(r):
     budget.take("b", clock.now)
     # The server says 9 left: 20 - 9 - 1 (ours) = 10 used by another client.
     budget.observe("b", RateLimitInfo(limit=20, remaining=9, reset_seconds=3), clock.now)
-    assert r.get(keys.rate_prefix("b") + "others") == "10"
+    assert r.get(keys.rate_others("b")) == "10"
     assert budget.reserve("b").step == pytest.approx(5 / 9, abs=1e-6)
     taken = [budget.take("b", clock.now) for _ in range(9)]
     assert taken[:8] == [None] * 8 and taken[8] is not None  # 1 + 8 + 10 others = 19
@@ -105,5 +105,5 @@ def test_results_under_way_go_ahead_of_the_queue_but_at_the_brand_pace():
     assert budget.reserve("b", 100, max_wait=1e9).start == clock.now  # a 100 s backlog
     starts = [budget.reserve("b", first=True).start - clock.now for _ in range(5)]
     assert starts == [0.0, 1.0, 2.0, 3.0, 4.0]  # ahead of the backlog, one step apart
-    tat = float(r.get(keys.rate_prefix("b") + "tat"))
+    tat = float(r.get(keys.rate_tat("b")))
     assert tat - clock.now == 105.0  # the queue moved back by as many slots

@@ -30,7 +30,7 @@ def add(store, rid, receipt_id=1, brand="b"):
 
 
 def tat(r, brand="b"):
-    value = r.get(keys.rate_prefix(brand) + "tat")
+    value = r.get(keys.rate_tat(brand))
     return None if value is None else float(value)
 
 
@@ -73,7 +73,7 @@ def test_an_open_circuit_holds_results_without_reserving(r, store):
 
 
 def test_a_paused_brand_holds_results_without_reserving(r, store):
-    r.set(keys.rate_prefix("b") + "pause", str(NOW + 10))
+    r.set(keys.rate_pause("b"), str(NOW + 10))
     add(store, "r1")
     assert store.admit(["r1"], NOW).parked == 1
     assert r.zscore(keys.SCHEDULE, "r1") >= NOW + 10
@@ -126,7 +126,7 @@ def test_begin_removes_the_ttl_an_older_version_gave_a_record(r, store):
 
 
 def test_a_result_past_its_deadline_is_published_at_once_whatever_holds_it(r, store):
-    r.set(keys.rate_prefix("b") + "pause", str(NOW + 10_000))
+    r.set(keys.rate_pause("b"), str(NOW + 10_000))
     add(store, "r1")
     assert store.admit(["r1"], NOW).parked == 1
     assert r.zscore(keys.SCHEDULE, "r1") <= NOW + 3600  # never parked past the deadline
@@ -134,14 +134,14 @@ def test_a_result_past_its_deadline_is_published_at_once_whatever_holds_it(r, st
 
 
 def test_a_reserved_slot_beyond_the_deadline_parks_only_until_the_deadline(r, store):
-    r.set(keys.rate_prefix("b") + "tat", str(NOW + 7200))  # a two-hour backlog
+    r.set(keys.rate_tat("b"), str(NOW + 7200))  # a two-hour backlog
     add(store, "r1")
     assert store.admit(["r1"], NOW).parked == 1
     assert r.zscore(keys.SCHEDULE, "r1") == pytest.approx(NOW + 3600)
 
 
 def test_a_result_under_way_reserves_ahead_of_the_queue(r, store):
-    r.set(keys.rate_prefix("b") + "tat", str(NOW + 500))  # the brand's backlog
+    r.set(keys.rate_tat("b"), str(NOW + 500))  # the brand's backlog
     add(store, "r1")
     r.hset(keys.result("r1"), mapping={"first": "1", "not_ready_since": str(NOW - 5)})
     [claimed] = store.admit(["r1"], NOW).publish  # no wait behind the backlog
@@ -263,3 +263,60 @@ def test_a_damaged_counter_reads_as_unset_instead_of_failing_the_result():
     }
     record = ResultRecord.from_hash("r1", raw)
     assert (record.dispatch, record.last_status, record.attempts, record.slot) == (3, None, 0, None)
+
+
+def racing(store, step):
+    """Run `step` between admission's read of the candidates and its script."""
+    script = store._admit
+
+    def admit(keys, args):
+        step()
+        return script(keys=keys, args=args)
+
+    store._admit = admit
+
+
+def test_admission_rechecks_what_it_read_and_skips_what_another_dispatcher_took(r, store):
+    add(store, "r1")
+    add(store, "r2", receipt_id=2)
+    other = ResultStore(r, rate=POLICY, lifetime=3600, queue_lease=120, run_lease=60)
+    racing(store, lambda: other.admit_due(NOW, 10))  # publishes r1, parks r2
+    admission = store.admit_due(NOW, 10)
+    assert admission.publish == [] and admission.parked == 0 and admission.orphans == []
+    assert admission.skipped == 2  # the dispatcher goes again at once
+    assert r.hget(keys.result("r1"), "dispatch") == "1"  # admitted once
+    assert tat(r) == pytest.approx(NOW + 4 * 60 / 59, abs=1e-3)  # reserved once
+
+
+def test_admission_skips_a_record_that_is_not_the_one_it_read(r, store):
+    add(store, "r1")
+
+    def replaced():
+        r.delete(keys.result("r1"))
+        add(store, "r1", receipt_id=9, brand="c")
+
+    racing(store, replaced)
+    admission = store.admit_due(NOW, 10)
+    assert (admission.handled, admission.skipped) == (0, 1)
+    assert tat(r, "b") is None and tat(r, "c") is None  # nothing reserved with the wrong keys
+    assert r.hget(keys.result("r1"), "state") == "due"
+    store._admit = ResultStore(r, rate=POLICY)._admit
+    [claimed] = store.admit_due(NOW, 10).publish  # the next pass reads it again
+    assert (claimed.brand, claimed.receipt_id) == ("c", "9")
+    assert tat(r, "c") is not None
+
+
+def test_admission_passes_the_keys_of_each_brand_and_receipt(r, store):
+    add(store, "r1", brand="b")
+    add(store, "r2", receipt_id=7, brand="c")
+    r.set(keys.fiscalised("c", 7), "F")
+    r.hset(
+        keys.breaker("b"),
+        mapping={keys.BREAKER_STATE: keys.BREAKER_OPEN, keys.BREAKER_UNTIL: str(NOW + 30)},
+    )
+    r.zadd(keys.SCHEDULE, {"ghost": NOW - 1})
+    admission = store.admit_due(NOW, 10)
+    assert [c.rid for c in admission.publish] == ["r2"]  # fiscalised: no slot needed
+    assert admission.parked == 1 and admission.orphans == ["ghost"]  # r1: circuit open
+    assert r.zscore(keys.SCHEDULE, "r1") >= NOW + 30
+    assert tat(r, "b") is None and tat(r, "c") is None

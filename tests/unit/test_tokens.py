@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import threading
 
-import fakeredis
 import pytest
 from support import Clock
 
 from worker import keys
-from worker.clopos import Token
+from worker.clopos.auth import Token
+from worker.clopos.tokens import TokenProvider, is_fresh, refresh_lock_seconds, reuse_margin
 from worker.errors import AuthError, TransientError
 from worker.ratelimit import AUTH_MAX_WAIT_SECONDS
-from worker.tokens import TokenProvider, is_fresh, refresh_lock_seconds, reuse_margin
 
 
 class Auth:
@@ -29,11 +28,6 @@ class Auth:
         return Token(f"tok-{brand}-{self.calls}", self.clock() + self.lifetime, self.lifetime)
 
 
-@pytest.fixture
-def r():
-    return fakeredis.FakeRedis(decode_responses=True)
-
-
 def test_margin_is_min_of_60s_and_10_percent():
     assert reuse_margin(3600) == 60
     assert reuse_margin(300) == 30
@@ -41,8 +35,7 @@ def test_margin_is_min_of_60s_and_10_percent():
     assert not is_fresh(Token("t", 1000 + 59, 3600), 1000)
 
 
-def test_token_is_reused_until_the_margin_then_refreshed_once(r):
-    clock = Clock()
+def test_token_is_reused_until_the_margin_then_refreshed_once(r, clock):
     auth = Auth(clock)
     provider = TokenProvider(r, auth, clock=clock)
     first = provider.get("b1")
@@ -55,8 +48,7 @@ def test_token_is_reused_until_the_margin_then_refreshed_once(r):
     assert auth.calls == 2
 
 
-def test_token_stored_with_ttl_no_longer_than_its_life_and_no_secret(r):
-    clock = Clock()
+def test_token_stored_with_ttl_no_longer_than_its_life_and_no_secret(r, clock):
     provider = TokenProvider(r, Auth(clock, lifetime=300), clock=clock)
     provider.get("b1")
     ttl_ms = r.pttl(keys.token("b1"))
@@ -66,8 +58,7 @@ def test_token_stored_with_ttl_no_longer_than_its_life_and_no_secret(r):
     assert "token" in keys.token("b1")
 
 
-def test_invalidate_drops_only_the_rejected_token(r):
-    clock = Clock()
+def test_invalidate_drops_only_the_rejected_token(r, clock):
     auth = Auth(clock)
     provider = TokenProvider(r, auth, clock=clock)
     first = provider.get("b1")
@@ -78,8 +69,7 @@ def test_invalidate_drops_only_the_rejected_token(r):
     assert auth.calls == 2
 
 
-def test_rejected_auth_is_remembered_so_others_fail_fast(r):
-    clock = Clock()
+def test_rejected_auth_is_remembered_so_others_fail_fast(r, clock):
     auth = Auth(clock, fail=True)
     provider = TokenProvider(r, auth, clock=clock)
     with pytest.raises(AuthError):
@@ -90,8 +80,7 @@ def test_rejected_auth_is_remembered_so_others_fail_fast(r):
     assert auth.calls == 1
 
 
-def test_waiters_do_not_call_auth_while_another_refreshes(r):
-    clock = Clock()
+def test_waiters_do_not_call_auth_while_another_refreshes(r, clock):
     started, release = threading.Event(), threading.Event()
     calls = []
 
@@ -122,8 +111,7 @@ def test_waiters_do_not_call_auth_while_another_refreshes(r):
     assert calls == ["b1"]
 
 
-def test_waiting_too_long_for_another_refresh_is_transient(r):
-    clock = Clock()
+def test_waiting_too_long_for_another_refresh_is_transient(r, clock):
     r.set(keys.token_refresh_lock("b1"), "someone-else", px=600_000)
     provider = TokenProvider(
         r,

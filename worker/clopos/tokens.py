@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import redis
 
-from worker import keys
-from worker.clopos import Token
+from worker import keys, scripts
+from worker.clopos.auth import Token
 from worker.errors import AuthError, Deferred, TransientError
 from worker.logs import kv, register_secret
 from worker.ratelimit import AUTH_MAX_WAIT_SECONDS, AuthBudget
@@ -41,18 +41,6 @@ REUSE_MARGIN_FRACTION = 0.10
 WAIT_SLACK_SECONDS = 5.0  # waiters wait this much longer than the refresh lock lives
 POLL_SECONDS = 0.05
 FAILURE_MEMORY_SECONDS = 10.0
-
-# Delete the key only if it still holds the value we put there.
-_COMPARE_AND_DELETE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# Drop the cached token only if it is the one that was rejected.
-_DROP_IF_CURRENT = """
-local raw = redis.call('GET', KEYS[1])
-if raw and cjson.decode(raw)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def refresh_lock_seconds(connect_timeout: float, timeout: float) -> float:
@@ -88,8 +76,8 @@ class TokenProvider:
         self.wait_seconds = lock_seconds + WAIT_SLACK_SECONDS
         self.clock = clock
         self.sleep = sleep
-        self._unlock = redis_client.register_script(_COMPARE_AND_DELETE)
-        self._drop = redis_client.register_script(_DROP_IF_CURRENT)
+        self._unlock = redis_client.register_script(scripts.load("tokens_unlock"))
+        self._drop = redis_client.register_script(scripts.load("tokens_drop_if_current"))
 
     def get(self, brand: str) -> str:
         deadline = self.clock() + self.wait_seconds

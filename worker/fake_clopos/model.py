@@ -1,25 +1,6 @@
-"""A faithful fake of the Clopos Open API v2 (auth, GET and PATCH receipt) over real HTTP.
-
-Starlette + uvicorn, no hand-written HTTP. Used in-process by tests (`start()` on a free
-port), by the demo and benchmarks, and standalone (`serve()`, behind `fiscal-worker
-fake-clopos`). The behaviour follows the Clopos Open API v2 docs; everything a test in
-another OS process needs to drive or observe is also reachable over `/_fake/...`.
-
-Routes (the base URL returned by `start()` is the API root):
-    POST  /v2/auth                      token for (client_id, client_secret, brand, integrator_id)
-    GET   /v2/receipts/{id}             x-token required; optional x-venue overrides the venue
-    PATCH /v2/receipts/{id}             fiscal_id / lock / order_status / order_number only
-    GET   /_fake/stats                  same JSON as `stats()`
-    POST  /_fake/reset-stats, /_fake/reset-faults
-    POST  /_fake/brands                 {"brand", "client_id", "client_secret", ...} -> add_brand
-    POST  /_fake/receipts               {"brand": ..., "receipt": {...}} -> add or replace
-    GET   /_fake/receipts/{brand}/{id}  stored copy (ignores venue and appear_after)
-    POST  /_fake/faults                 {"kind": <kind>, ...keyword arguments of the method}
-        kinds: fail_next, success_false, latency (set_latency), slow_next, appear_after,
-        close_after, fail_brand, reject_auth, revoke_tokens, external_usage
-        (set_external_usage)
-    Control endpoints answer {"success": true, "data": ...} or 400 {"success": false,
-    "error": "bad_request", "message": ...}; they bypass latency, limits and stats.
+"""The fake Clopos API's state and behaviour, without HTTP: brands, receipts, tokens, the
+rate limits, the injected faults and the statistics. `app.py` puts it on the wire,
+`serve.py` runs it; the package docstring lists the routes.
 
 Choices where the real API is silent:
 - A non-integer receipt id answers 404 not_found (after the token and the budget checks).
@@ -76,17 +57,13 @@ has exactly one brand. Missing receipt fields get defaults (see `_fill_receipt`)
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import copy
 import hashlib
 import hmac
 import json
 import math
 import secrets
-import signal
-import socket
 import threading
 import time
 import uuid
@@ -94,15 +71,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-import uvicorn
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 ORDER_STATUSES = frozenset(
     {"NEW", "SCHEDULED", "IN_PROGRESS", "READY", "PICKED_UP", "COMPLETED", "CANCELLED"}
@@ -112,12 +81,9 @@ METHODS = frozenset({"ANY", "GET", "PATCH", "POST"})
 REQUEST_LOG_MAX = 100_000  # entries of stats()["request_log"] kept (the newest)
 TOKEN_TABLE_PRUNE_AT = 10_000  # issued tokens kept before long-expired ones are dropped
 TOKEN_FORGET_AFTER = 600.0  # seconds an expired token still answers token_expired
-START_TIMEOUT = 10.0  # seconds start() waits for uvicorn to accept connections
-STOP_TIMEOUT = 5.0  # seconds stop() waits for the server thread
-GRACEFUL_SHUTDOWN = 2.0  # seconds in-flight requests get on stop before being cancelled
 DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
-_ERROR_IDS = {
+ERROR_IDS = {
     400: "validation_failed",
     401: "invalid_token",
     403: "forbidden",
@@ -178,28 +144,27 @@ class _BrandFault:
 
 
 @dataclass
-class _Reply:
+class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class _BadControl(Exception):
-    """A control request that cannot be carried out (answered with 400)."""
+@dataclass(frozen=True)
+class ReceiptCall:
+    """A GET/PATCH of a receipt between `open_receipt_call` and `close_receipt_call`."""
+
+    delay: float  # seconds to wait before `serve_receipt` (latency, slow_next)
+    patching: tuple[str, int] | None  # (brand, receipt id) of a PATCH counted as in flight
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, checking `should_exit` every 10 ms instead of 100 ms: quick stop()."""
+class CloposModel:
+    """The fake API: every request's effect, its state guarded by one threading.Lock.
 
-    async def main_loop(self) -> None:
-        counter = 0
-        while not await self.on_tick(counter):
-            counter = (counter + 1) % 864_000
-            await asyncio.sleep(0.01)
-
-
-class FakeClopos:
-    """The fake API: state guarded by one threading.Lock, served by uvicorn in a thread."""
+    The HTTP layer calls `auth_delay` + `authenticate` for POST /v2/auth and
+    `open_receipt_call` + `serve_receipt` + `close_receipt_call` for a receipt, sleeping
+    the returned delays in between (the lock is never held across that wait).
+    """
 
     def __init__(
         self,
@@ -236,13 +201,6 @@ class FakeClopos:
         self._in_flight: dict[tuple[str, int], int] = defaultdict(int)
         self._clear_faults()
         self._clear_stats()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.base_url: str | None = None
-        self.app = Starlette(
-            routes=self._routes(),
-            exception_handlers={404: _http_error, 405: _http_error},
-        )
         for name, config in (brands or {}).items():
             self.add_brand(name, **config)
 
@@ -332,7 +290,7 @@ class FakeClopos:
     def success_false(
         self, brand: str, receipt_id: int, error: str | None, count: int = 1, method: str = "ANY"
     ) -> None:
-        reply = _error(error, "The request could not be completed")
+        reply = error_body(error, "The request could not be completed")
         self._queue_fault(brand, receipt_id, _ReceiptFault(method, count, 200, reply))
 
     def _queue_fault(self, brand: str, receipt_id: int, fault: _ReceiptFault) -> None:
@@ -480,82 +438,22 @@ class FakeClopos:
             },
         )
 
-    # --- running -----------------------------------------------------------------------
-
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        if self._server is not None:
-            raise RuntimeError("fake Clopos is already running")
-        sock = _bind(host, port)
-        bound_port = sock.getsockname()[1]
-        server = _Server(self._uvicorn_config(host, bound_port))
-        thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="fake-clopos", daemon=True
-        )
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                server.should_exit = True
-                sock.close()
-                raise RuntimeError("fake Clopos server did not start")
-            time.sleep(0.01)
-        self._server, self._thread = server, thread
-        self.base_url = _url(host, bound_port)
-        return self.base_url
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.should_exit = True
-        thread.join(STOP_TIMEOUT)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(STOP_TIMEOUT)
-        self._server = self._thread = None
-        self.base_url = None
-
-    def _uvicorn_config(self, host: str, port: int) -> uvicorn.Config:
-        return uvicorn.Config(
-            self.app,
-            host=host,
-            port=port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
-        )
-
-    def _routes(self) -> list[Route]:
-        return [
-            Route("/v2/auth", self._auth_endpoint, methods=["POST"]),
-            Route("/v2/receipts/{receipt_id}", self._receipt_endpoint, methods=["GET", "PATCH"]),
-            Route("/_fake/stats", self._ctl_stats, methods=["GET"]),
-            Route("/_fake/reset-stats", self._ctl_reset_stats, methods=["POST"]),
-            Route("/_fake/reset-faults", self._ctl_reset_faults, methods=["POST"]),
-            Route("/_fake/brands", self._ctl_add_brand, methods=["POST"]),
-            Route("/_fake/receipts", self._ctl_add_receipt, methods=["POST"]),
-            Route("/_fake/receipts/{brand}/{receipt_id:int}", self._ctl_receipt, methods=["GET"]),
-            Route("/_fake/faults", self._ctl_faults, methods=["POST"]),
-        ]
-
     # --- POST /v2/auth -----------------------------------------------------------------
 
-    async def _auth_endpoint(self, request: Request) -> JSONResponse:
-        ip = _client_ip(request)
-        body = _json_or_none(await request.body())
-        brand = body.get("brand") if isinstance(body, dict) else None
-        brand = brand if isinstance(brand, str) else None
+    def auth_delay(self, body: Any) -> float:
+        """Seconds to wait before answering this /v2/auth body (the injected latency)."""
         with self._lock:
-            delay = self._latency_for(brand, None, "POST")
-        if delay > 0:
-            await asyncio.sleep(delay)
+            return self._latency_for(_auth_brand(body), None, "POST")
+
+    def authenticate(self, ip: str, body: Any) -> Reply:
+        """The answer to POST /v2/auth from `ip` with this JSON body (None: not JSON)."""
+        brand = _auth_brand(body)
         with self._lock:
             reply = self._authenticate(ip, body, brand)
             self._request_log.append([time.time(), "POST", brand, None, reply.status])
-        return _respond(reply)
+        return reply
 
-    def _authenticate(self, ip: str, body: Any, brand: str | None) -> _Reply:
+    def _authenticate(self, ip: str, body: Any, brand: str | None) -> Reply:
         now = time.monotonic()
         log = self._auth_logs[ip]
         _prune(log, now, self.auth_window)
@@ -563,7 +461,7 @@ class FakeClopos:
             self._auth_calls[brand] += 1
         if len(log) >= self.auth_limit:
             self._rate_limited["_auth"] += 1
-            reply = _Reply(429, _error("rate_limited", "Too many authentication requests"))
+            reply = Reply(429, error_body("rate_limited", "Too many authentication requests"))
         else:
             log.append(now)
             reply = self._auth_decision(body, brand, now)
@@ -575,12 +473,12 @@ class FakeClopos:
             reply.headers["Retry-After"] = str(reset)
         return reply
 
-    def _auth_decision(self, body: Any, brand: str | None, now: float) -> _Reply:
+    def _auth_decision(self, body: Any, brand: str | None, now: float) -> Reply:
         if not isinstance(body, dict) or any(not isinstance(body.get(f), str) for f in AUTH_FIELDS):
             message = "client_id, client_secret, brand and integrator_id are required strings"
-            return _Reply(400, _error("validation_failed", message))
+            return Reply(400, error_body("validation_failed", message))
         if body["integrator_id"] != self.integrator_id:
-            return _Reply(400, _error("invalid_integrator", "Unknown integrator"))
+            return Reply(400, error_body("invalid_integrator", "Unknown integrator"))
         info = self._brands.get(body["brand"])
         if (
             info is None
@@ -588,11 +486,11 @@ class FakeClopos:
             or not hmac.compare_digest(body["client_id"], info.client_id)
             or not hmac.compare_digest(body["client_secret"], info.client_secret)
         ):
-            return _Reply(401, _error("authentication_failed", "Invalid credentials"))
+            return Reply(401, error_body("authentication_failed", "Invalid credentials"))
         if info.production:  # documented quirk: 200 with success false
             message = "Integrator is in test mode and cannot access a production brand"
-            return _Reply(200, _error("authentication_failed", message))
-        return _Reply(200, self._issue_token(body["brand"], info.default_venue_id, now))
+            return Reply(200, error_body("authentication_failed", message))
+        return Reply(200, self._issue_token(body["brand"], info.default_venue_id, now))
 
     def _issue_token(self, brand: str, venue_id: int, now: float) -> dict[str, Any]:
         issued = time.time()
@@ -633,11 +531,11 @@ class FakeClopos:
 
     # --- GET / PATCH /v2/receipts/{id} -------------------------------------------------
 
-    async def _receipt_endpoint(self, request: Request) -> JSONResponse:
-        method = "PATCH" if request.method == "PATCH" else "GET"
-        receipt_id = _parse_receipt_id(request.path_params["receipt_id"])
-        token = request.headers.get("x-token")
-        patch = _parse_patch(await request.body()) if method == "PATCH" else None
+    def open_receipt_call(
+        self, method: str, token: str | None, receipt_id: int | None
+    ) -> ReceiptCall:
+        """Start a GET/PATCH: its delay, and a PATCH counted as in flight from now (before
+        the delay, so overlapping PATCHes show) until `close_receipt_call`."""
         with self._lock:
             known = self._tokens.get(token) if token else None
             brand = known.brand if known else None
@@ -647,24 +545,26 @@ class FakeClopos:
             tracked = None
             if method == "PATCH" and brand is not None and receipt_id is not None:
                 tracked = (brand, receipt_id)
-                self._enter_patch(tracked)  # before the sleep, so overlapping PATCHes show
-        try:
-            if delay > 0:
-                await asyncio.sleep(delay)
+                self._enter_patch(tracked)
+        return ReceiptCall(delay, tracked)
+
+    def close_receipt_call(self, call: ReceiptCall) -> None:
+        if call.patching is not None:
             with self._lock:
-                reply = self._serve_receipt(
-                    _client_ip(request),
-                    method,
-                    token,
-                    receipt_id,
-                    request.headers.get("x-venue"),
-                    patch,
-                )
-        finally:
-            if tracked is not None:
-                with self._lock:
-                    self._in_flight[tracked] -= 1
-        return _respond(reply)
+                self._in_flight[call.patching] -= 1
+
+    def serve_receipt(
+        self,
+        ip: str,
+        method: str,
+        token: str | None,
+        receipt_id: int | None,
+        venue_header: str | None,
+        patch: tuple[dict[str, Any], dict[str, Any] | None] | None,
+    ) -> Reply:
+        """The answer to a GET/PATCH of a receipt (`patch`: `parse_patch` of the body)."""
+        with self._lock:
+            return self._serve_receipt(ip, method, token, receipt_id, venue_header, patch)
 
     def _enter_patch(self, key: tuple[str, int]) -> None:
         self._in_flight[key] += 1
@@ -680,7 +580,7 @@ class FakeClopos:
         receipt_id: int | None,
         venue_header: str | None,
         patch: tuple[dict[str, Any], dict[str, Any] | None] | None,
-    ) -> _Reply:
+    ) -> Reply:
         now = time.monotonic()
         known = self._tokens.get(token) if token else None
         brand = known.brand if known else None
@@ -714,28 +614,28 @@ class FakeClopos:
         venue_header: str | None,
         patch: tuple[dict[str, Any], dict[str, Any] | None] | None,
         now: float,
-    ) -> _Reply:
+    ) -> Reply:
         venue = token.venue_id
         if venue_header is not None:
             try:
                 venue = int(venue_header)
             except ValueError:
-                return _Reply(400, _error("validation_failed", "Invalid x-venue header"))
+                return Reply(400, error_body("validation_failed", "Invalid x-venue header"))
         update = patch[1] if patch is not None else None
         if method == "PATCH" and update is None:
-            return _Reply(400, _error("validation_failed", _MESSAGES[400]))
+            return Reply(400, error_body("validation_failed", _MESSAGES[400]))
         receipt = self._visible(token.brand, receipt_id, venue, now)
         if receipt is None:
-            return _Reply(404, _error("not_found", "Receipt not found"))
+            return Reply(404, error_body("not_found", "Receipt not found"))
         if update is None:
-            return _Reply(200, _envelope(copy.deepcopy(receipt), "Receipt retrieved successfully"))
+            return Reply(200, _envelope(copy.deepcopy(receipt), "Receipt retrieved successfully"))
         receipt.update(update)
         applied = time.time()
         receipt["updated_at"] = _format_time(applied)
         entry = self._receipt_entry(token.brand, receipt["id"])
         entry["patch_ok"] += 1
         entry["patched_at"].append(applied)
-        return _Reply(200, _envelope(copy.deepcopy(receipt), "Operation completed successfully"))
+        return Reply(200, _envelope(copy.deepcopy(receipt), "Operation completed successfully"))
 
     def _visible(
         self, brand: str, receipt_id: int | None, venue: int, now: float
@@ -772,7 +672,7 @@ class FakeClopos:
         if patch is not None:
             entry["patch_bodies"].append(copy.deepcopy(patch[0]))
 
-    def _brand_fault(self, brand: str, now: float) -> _Reply | None:
+    def _brand_fault(self, brand: str, now: float) -> Reply | None:
         fault = self._brand_faults.get(brand)
         if fault is None:
             return None
@@ -785,7 +685,7 @@ class FakeClopos:
                 del self._brand_faults[brand]
         return _fault_reply(fault.status, _error_for(fault.status))
 
-    def _receipt_fault(self, brand: str, receipt_id: int | None, method: str) -> _Reply | None:
+    def _receipt_fault(self, brand: str, receipt_id: int | None, method: str) -> Reply | None:
         queue = self._receipt_faults.get((brand, receipt_id)) if receipt_id is not None else None
         for fault in queue or []:
             if fault.method in ("ANY", method):
@@ -818,7 +718,7 @@ class FakeClopos:
 
     # --- rate limits -------------------------------------------------------------------
 
-    def _take_budget(self, brand: str, now: float, headers: dict[str, str]) -> _Reply | None:
+    def _take_budget(self, brand: str, now: float, headers: dict[str, str]) -> Reply | None:
         log = self._budget_logs[brand]
         _prune(log, now, self.rate_window)
         limit = max(0, self.rate_limit - self._external_usage.get(brand, 0))
@@ -831,9 +731,9 @@ class FakeClopos:
             return None
         self._rate_limited[brand] += 1
         headers["Retry-After"] = str(reset)
-        return _Reply(429, _error("rate_limited", "Too many requests for this brand"))
+        return Reply(429, error_body("rate_limited", "Too many requests for this brand"))
 
-    def _flood_block(self, ip: str, now: float) -> _Reply | None:
+    def _flood_block(self, ip: str, now: float) -> Reply | None:
         log = self._flood_logs[ip]
         _prune(log, now, self.flood_window)
         if len(log) < self.flood_limit:
@@ -841,7 +741,7 @@ class FakeClopos:
         self._rate_limited["_flood"] += 1
         headers = self._flood_headers(ip, now)
         headers["Retry-After"] = headers["RateLimit-Reset"]
-        return _Reply(429, _error("rate_limited", "Too many failed requests"), headers)
+        return Reply(429, error_body("rate_limited", "Too many failed requests"), headers)
 
     def _flood_headers(self, ip: str, now: float) -> dict[str, str]:
         log = self._flood_logs[ip]
@@ -854,7 +754,7 @@ class FakeClopos:
         brand: str | None,
         method: str,
         receipt_id: int | None,
-        reply: _Reply,
+        reply: Reply,
         now: float,
         *,
         counts_as_failure: bool,
@@ -868,48 +768,9 @@ class FakeClopos:
             self._flood_logs[ip].append(now)
         self._request_log.append([time.time(), method, brand, receipt_id, reply.status])
 
-    # --- control endpoints -------------------------------------------------------------
+    # --- the fault kinds (seed `fault`, POST /_fake/faults) ---------------------------
 
-    async def _ctl_stats(self, request: Request) -> JSONResponse:
-        return JSONResponse(self.stats())
-
-    async def _ctl_reset_stats(self, request: Request) -> JSONResponse:
-        self.reset_stats()
-        return _control_ok(None)
-
-    async def _ctl_reset_faults(self, request: Request) -> JSONResponse:
-        self.reset_faults()
-        return _control_ok(None)
-
-    async def _ctl_add_brand(self, request: Request) -> JSONResponse:
-        body = _json_or_none(await request.body())
-        return _run_control(lambda: self.add_brand(**_object(body)))
-
-    async def _ctl_add_receipt(self, request: Request) -> JSONResponse:
-        raw = _json_or_none(await request.body())
-
-        def add() -> dict[str, Any]:
-            body = _object(raw)
-            return self.add_receipt(body.get("brand"), _object(body.get("receipt")))
-
-        return _run_control(add)
-
-    async def _ctl_receipt(self, request: Request) -> JSONResponse:
-        stored = self.receipt(request.path_params["brand"], request.path_params["receipt_id"])
-        if stored is None:
-            return JSONResponse(_error("not_found", "Receipt not found"), status_code=404)
-        return _control_ok(stored)
-
-    async def _ctl_faults(self, request: Request) -> JSONResponse:
-        body = _json_or_none(await request.body())
-        kwargs = dict(body) if isinstance(body, dict) else {}
-        kind = kwargs.pop("kind", None)
-        action = self._fault_actions().get(kind) if isinstance(kind, str) else None
-        if action is None:
-            return JSONResponse(_error("bad_request", f"unknown fault kind {kind!r}"), 400)
-        return _run_control(lambda: action(**kwargs))
-
-    def _fault_actions(self) -> dict[str, Callable[..., None]]:
+    def fault_actions(self) -> dict[str, Callable[..., None]]:
         return {
             "fail_next": self.fail_next,
             "success_false": self.success_false,
@@ -922,44 +783,6 @@ class FakeClopos:
             "revoke_tokens": self.revoke_tokens,
             "external_usage": self.set_external_usage,
         }
-
-
-# --- running standalone --------------------------------------------------------------
-
-
-def serve(
-    host: str,
-    port: int,
-    seed_path: str | None,
-    *,
-    token_lifetime: float = 3600.0,
-    rate_limit: int = 300,
-    rate_window: float = 60.0,
-    latency: float = 0.0,
-) -> None:
-    """Serve the fake in the foreground until SIGINT/SIGTERM (the `fake-clopos` command)."""
-    seed = json.loads(Path(seed_path).read_text()) if seed_path else default_seed()
-    fake = FakeClopos(
-        token_lifetime=token_lifetime,
-        rate_limit=rate_limit,
-        rate_window=rate_window,
-        latency=latency,
-    )
-    fake.load_seed(seed)
-    sock = _bind(host, port)
-    bound_port = sock.getsockname()[1]
-    server = _Server(fake._uvicorn_config(host, bound_port))
-    url = _url(host, bound_port)
-    print(f"fake Clopos API on {url} (brands: {', '.join(fake.brands())})", flush=True)
-    in_main = threading.current_thread() is threading.main_thread()
-    # uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler lets us return.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None) if in_main else None
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=[sock])
-    finally:
-        if in_main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def default_seed() -> dict[str, Any]:
@@ -1049,7 +872,7 @@ def _products_total(products: Any) -> int:
     )
 
 
-def _parse_patch(raw: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def parse_patch(raw: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(what patch_bodies records, the validated update or None if it is invalid)."""
     try:
         body = json.loads(raw)
@@ -1074,19 +897,26 @@ _PATCH_CHECKS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def _token_problem(token: _Token | None, raw: str | None, now: float) -> _Reply | None:
+def _auth_brand(body: Any) -> str | None:
+    brand = body.get("brand") if isinstance(body, dict) else None
+    return brand if isinstance(brand, str) else None
+
+
+def _token_problem(token: _Token | None, raw: str | None, now: float) -> Reply | None:
     if token is None:
         message = "Invalid token" if raw else "Missing x-token header"
-        return _Reply(401, _error("invalid_token", message))
+        return Reply(401, error_body("invalid_token", message))
     if token.revoked:
         if token.revoked_status == 401:
-            return _Reply(401, _error("invalid_token", "Token has been revoked"))
+            return Reply(401, error_body("invalid_token", "Token has been revoked"))
         if token.revoked_status == 403:
-            return _Reply(403, _error(token.revoked_error or "forbidden", "Token has been revoked"))
+            return Reply(
+                403, error_body(token.revoked_error or "forbidden", "Token has been revoked")
+            )
         error = token.revoked_error or "token_expired"
-        return _Reply(token.revoked_status, _error(error, "Token has been revoked"))
+        return Reply(token.revoked_status, error_body(error, "Token has been revoked"))
     if now >= token.expires:
-        return _Reply(401, _error("token_expired", "Token has expired"))
+        return Reply(401, error_body("token_expired", "Token has expired"))
     return None
 
 
@@ -1112,7 +942,7 @@ def _rate_headers(limit: int, remaining: int, reset: int) -> dict[str, str]:
     }
 
 
-def _error(error: str | None, message: str) -> dict[str, Any]:
+def error_body(error: str | None, message: str) -> dict[str, Any]:
     body: dict[str, Any] = {"success": False}
     if error is not None:  # the real envelope has `error` only "when present"
         body["error"] = error
@@ -1120,16 +950,16 @@ def _error(error: str | None, message: str) -> dict[str, Any]:
     return body
 
 
-def _fault_reply(status: int, body: dict[str, Any]) -> _Reply:
+def _fault_reply(status: int, body: dict[str, Any]) -> Reply:
     if status != 429:
-        return _Reply(status, body)
+        return Reply(status, body)
     # An injected 429 says "retry in 1 s", not the (unexhausted) budget's own reset.
     headers = {"RateLimit-Remaining": "0", "RateLimit-Reset": "1", "Retry-After": "1"}
-    return _Reply(status, body, headers)
+    return Reply(status, body, headers)
 
 
 def _error_for(status: int) -> dict[str, Any]:
-    return _error(_ERROR_IDS.get(status, "error"), _MESSAGES.get(status, "Request failed"))
+    return error_body(ERROR_IDS.get(status, "error"), _MESSAGES.get(status, "Request failed"))
 
 
 def _envelope(data: dict[str, Any], message: str) -> dict[str, Any]:
@@ -1158,58 +988,3 @@ def _check_method(method: str) -> str:
     if upper not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}")
     return upper
-
-
-def _parse_receipt_id(raw: str) -> int | None:
-    return int(raw) if raw.isascii() and raw.isdigit() else None
-
-
-def _json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _object(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _BadControl("expected a JSON object")
-    return value
-
-
-def _client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
-def _respond(reply: _Reply) -> JSONResponse:
-    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
-
-
-def _control_ok(data: Any) -> JSONResponse:
-    return JSONResponse({"success": True, "data": data})
-
-
-def _run_control(action: Callable[[], Any]) -> JSONResponse:
-    try:
-        return _control_ok(action())
-    except (_BadControl, TypeError, ValueError, KeyError) as exc:
-        return JSONResponse(_error("bad_request", str(exc)), status_code=400)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    message = "Not found" if status == 404 else "Method not allowed"
-    return JSONResponse(_error(_ERROR_IDS.get(status, "error"), message), status_code=status)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only then (else ~40 ms per response).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
-
-
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,32 @@
+"""Marks every test by the folder it lives in, so `-m` selects by kind:
+
+    tests/unit         no mark: fakeredis, httpx.MockTransport, the test clock; seconds
+    tests/integration  integration: a private redis-server, real celery worker processes,
+                       the fake Clopos API over HTTP; minutes
+    tests/faults       integration and faults: the fault suite, an injected fault per case
+
+(`pytestmark` in a conftest.py marks nothing; this hook does.) `make test-fast` runs
+`-m "not integration"`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+MARKS_BY_FOLDER = {
+    "integration": ("integration",),
+    "faults": ("integration", "faults"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            folder = Path(item.path).resolve().relative_to(HERE).parts[0]
+        except ValueError:  # a test outside tests/
+            continue
+        for name in MARKS_BY_FOLDER.get(folder, ()):
+            item.add_marker(getattr(pytest.mark, name))

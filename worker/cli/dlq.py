@@ -1,0 +1,261 @@
+"""`fiscal-worker dlq`: list, show, stats, replay and purge dead-lettered results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.table import Table
+
+from worker.cli._root import (
+    _cell,
+    _clean,
+    _console,
+    _fail,
+    _Group,
+    _print_json,
+    _redis,
+    _settings,
+    _short,
+    cli,
+    json_option,
+)
+from worker.dlq import REASONS, DeadLetterStore, ReplayError
+from worker.settings import BRAND_PATTERN
+
+ERROR_COLUMN_CHARS = 60  # `dlq list` shortens errors to this
+
+
+def _store() -> DeadLetterStore:
+    settings = _settings()
+    return DeadLetterStore(
+        _redis(), warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
+    )
+
+
+def _stdin_is_interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def _check_brand(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and value != "" and not BRAND_PATTERN.fullmatch(value):
+        raise click.BadParameter("must be 1-64 characters of A-Za-z0-9_.-")
+    return value
+
+
+reason_option = click.option(
+    "--reason", type=click.Choice(REASONS), help="Only entries with this reason."
+)
+brand_option = click.option(
+    "--brand",
+    callback=_check_brand,
+    help="Only entries of this brand ('' = messages whose brand was unreadable).",
+)
+
+
+@cli.group(cls=_Group)
+def dlq() -> None:
+    """Inspect, replay and purge dead-lettered results."""
+
+
+@dlq.command("list")
+@reason_option
+@brand_option
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Show at most N entries.",
+)
+@click.option(
+    "--offset",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Skip the N newest first.",
+)
+@json_option
+def dlq_list(reason: str | None, brand: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """List dead-lettered results, newest first."""
+    entries = _store().list(reason=reason, brand=brand, limit=limit, offset=offset)
+    if as_json:
+        _print_json(entries)
+        return
+    if not entries:
+        click.echo("no dead-lettered results")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("id", "reason", "brand", "receipt_id", "fiscal_id", "attempts"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("last_seen", no_wrap=True)
+    table.add_column("http", no_wrap=True)
+    table.add_column("error", no_wrap=True)
+    for entry in entries:
+        table.add_row(
+            _cell(entry.get("id")),
+            _cell(entry.get("reason")),
+            _cell(entry.get("brand"), 32),
+            _cell(entry.get("receipt_id")),
+            _cell(entry.get("fiscal_id"), 32),
+            _cell(entry.get("attempts")),
+            _cell(entry.get("last_seen")),
+            _cell(entry.get("http_status")),
+            _cell(entry.get("error"), ERROR_COLUMN_CHARS),
+        )
+    _console().print(table)
+
+
+@dlq.command("show")
+@click.argument("entry_id", metavar="ID")
+@json_option
+def dlq_show(entry_id: str, as_json: bool) -> None:
+    """Show one entry in full, payload included."""
+    entry = _store().get(entry_id)
+    if entry is None:
+        _fail(f"no dead-letter entry {_short(entry_id, 80)}")
+    if as_json:
+        _print_json(entry)
+        return
+    for name, value in entry.items():
+        if name in ("payload", "result"):
+            continue
+        click.echo(f"{name + ':':<18} {_clean(value)}")
+    if entry.get("result") is not None:
+        click.echo(f"{'result:':<18} {_clean(json.dumps(entry['result'], ensure_ascii=False))}")
+    click.echo("payload:")
+    click.echo(_clean(entry.get("payload")))
+
+
+@dlq.command("stats")
+@json_option
+def dlq_stats(as_json: bool) -> None:
+    """Counts by reason and by brand, and the store's size against its warning bound."""
+    stats = _store().stats()
+    if as_json:
+        _print_json(stats)
+        return
+    click.echo(f"total:   {stats['total']} (warns at {stats['warn_entries']})")
+    click.echo(
+        f"bytes:   {stats['bytes']} = {_size(stats['bytes'])} "
+        f"(warns at {_size(stats['warn_bytes'])})"
+    )
+    if stats["over_bound"]:
+        click.echo(
+            "WARNING: the dead-letter store is over its bound; nothing is dropped: "
+            "replay or purge entries (fiscal-worker dlq replay / purge)"
+        )
+    for title, counts in (("reason", stats["by_reason"]), ("brand", stats["by_brand"])):
+        if not counts:
+            continue
+        table = Table(box=None, pad_edge=False)
+        table.add_column(title, no_wrap=True)
+        table.add_column("count", justify="right", no_wrap=True)
+        for name, count in counts.items():
+            table.add_row(_cell(name if name else "(unknown)"), str(count))
+        click.echo("")
+        _console().print(table)
+
+
+def _size(count: int) -> str:
+    """Bytes for a human: 512 B, 1.5 KiB, 3.0 GiB."""
+    if count < 1024:
+        return f"{count} B"
+    size = count / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _selection(
+    entry_id: str | None, select_all: bool, reason: str | None, brand: str | None
+) -> None:
+    """Exactly one of: an ID, --all, or --reason/--brand (which may be combined)."""
+    filtered = reason is not None or brand is not None
+    chosen = sum((entry_id is not None, select_all, filtered))
+    if chosen != 1:
+        raise click.UsageError("give exactly one of: ID, --all, --reason/--brand")
+
+
+@dlq.command("replay")
+@click.argument("entry_id", metavar="[ID]", required=False)
+@click.option("--all", "select_all", is_flag=True, help="Replay every entry.")
+@reason_option
+@brand_option
+@json_option
+def dlq_replay(
+    entry_id: str | None, select_all: bool, reason: str | None, brand: str | None, as_json: bool
+) -> None:
+    """Put results back through the normal path and remove them from the store.
+
+    Entries whose payload was truncated, or is not valid, are refused and stay.
+    """
+    _selection(entry_id, select_all, reason, brand)
+    store = _store()
+    stream = _settings().ingest_stream
+    replayed: list[dict[str, str]] = []
+    refused: list[dict[str, str]] = []
+    if entry_id is not None:
+        if store.get(entry_id) is None:
+            _fail(f"no dead-letter entry {_short(entry_id, 80)}")
+        candidates: Any = [entry_id]
+    else:
+        candidates = store.ids(reason=reason, brand=brand)
+    for candidate in candidates:
+        try:
+            stream_id = store.replay(candidate, stream=stream)
+        except ReplayError as exc:
+            refused.append({"id": candidate, "error": str(exc)})
+            continue
+        if stream_id is not None:  # None: removed meanwhile by someone else
+            replayed.append({"id": candidate, "stream_id": stream_id})
+    if as_json:
+        _print_json({"replayed": replayed, "refused": refused})
+    else:
+        for item in replayed:
+            click.echo(f"replayed {item['id']} as stream entry {item['stream_id']}")
+        for item in refused:
+            click.echo(f"refused {_clean(item['error'])}")
+        click.echo(f"{len(replayed)} replayed, {len(refused)} refused")
+    if entry_id is not None and refused:
+        sys.exit(1)
+
+
+@dlq.command("purge")
+@click.argument("entry_id", metavar="[ID]", required=False)
+@click.option("--all", "select_all", is_flag=True, help="Purge every entry.")
+@reason_option
+@brand_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def dlq_purge(
+    entry_id: str | None,
+    select_all: bool,
+    reason: str | None,
+    brand: str | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Delete entries for good. Bulk purges ask first unless --yes."""
+    _selection(entry_id, select_all, reason, brand)
+    store = _store()
+    if entry_id is not None:
+        if store.remove(entry_id) is None:
+            _fail(f"no dead-letter entry {_short(entry_id, 80)}")
+        purged = 1
+    else:
+        pending = store.count(reason=reason, brand=brand)
+        if pending and not yes:
+            if not _stdin_is_interactive():
+                _fail(f"refusing to purge {pending} entries without confirmation; pass --yes")
+            if not click.confirm(f"Purge {pending} entries?", default=False, err=True):
+                _fail("not confirmed; nothing purged")
+        purged = store.purge(reason=reason, brand=brand) if pending else 0
+    if as_json:
+        _print_json({"purged": purged})
+    else:
+        click.echo(f"purged {purged} entr{'y' if purged == 1 else 'ies'}")

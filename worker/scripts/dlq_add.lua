@@ -1,0 +1,23 @@
+-- dlq_add: add one dead-letter entry with its index memberships, counts and size, unless the
+-- by-result key (KEYS[7], only when the result has an id) names an entry still in the store.
+-- KEYS: [1] entry, [2] index, [3] by_reason, [4] by_brand, [5] counts, [6] bytes,
+--       [7] by_result (optional).
+-- ARGV: [1] id, [2] reason count field, [3] brand count field, [4] seq, [5] entry JSON.
+-- Returns {id, 1, total entries, total bytes} when added, {existing id, 0} when not.
+
+-- #include dlq_bytes_fn.lua
+local existing = KEYS[7] and redis.call('GET', KEYS[7])
+if existing and redis.call('ZSCORE', KEYS[2], existing) then
+  return {existing, 0}
+end
+redis.call('SET', KEYS[1], ARGV[5])
+for i = 2, 4 do
+  redis.call('ZADD', KEYS[i], ARGV[4], ARGV[1])
+end
+redis.call('HINCRBY', KEYS[5], ARGV[2], 1)
+redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+local size = add_bytes(KEYS[6], string.len(ARGV[5]))
+if KEYS[7] then
+  redis.call('SET', KEYS[7], ARGV[1])
+end
+return {ARGV[1], 1, redis.call('ZCARD', KEYS[2]), size}
