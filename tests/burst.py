@@ -205,7 +205,7 @@ class Burst:
             clock=self.clock,
         )
         self.ingest = IngestConsumer(
-            raw_redis=self.raw,
+            redis_client=self.raw,
             stream=STREAM,
             consumer="burst-1",
             store=self.store,

@@ -1,4 +1,4 @@
-"""The Celery app, `worker.app:app` (contract §1): Redis broker, JSON only, at-least-once.
+"""The Celery app, `worker.app:app` (docs/interface.md): Redis broker, JSON only, at-least-once.
 
     celery -A worker.app worker --loglevel INFO
     celery -A worker.app flower

@@ -16,8 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from worker import keys, scripts
-from worker.ingest_format import to_rfc3339
-from worker.settings import BRAND_PATTERN
+from worker.ingest_format import BRAND_PATTERN, to_rfc3339
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -33,13 +32,13 @@ MAX_TEXT_CHARS = 256  # call / outcome / ids are cut here
 class AuditTrail:
     """Per-receipt records, kept `ttl_seconds` after the last write, `max_attempts` each."""
 
-    def __init__(self, redis: Redis, *, ttl_seconds: int, max_attempts: int) -> None:
+    def __init__(self, redis_client: Redis, *, ttl_seconds: int, max_attempts: int) -> None:
         if ttl_seconds < 1 or max_attempts < 1:
             raise ValueError("ttl_seconds and max_attempts must be >= 1")
-        self.redis = redis
+        self.redis = redis_client
         self.ttl_seconds = int(ttl_seconds)
         self.max_attempts = int(max_attempts)
-        self._set_state_script = redis.register_script(scripts.load("audit_set_state"))
+        self._set_state_script = redis_client.register_script(scripts.load("audit_set_state"))
 
     def record_received(
         self,

@@ -1,6 +1,6 @@
 """What to do with a result, given the receipt the API returned: a pure function.
 
-The table of contract §4, in code:
+The table of docs/interface.md (What happens to a result), in code:
 
     receipt                                   action
     fiscal_id set and != F                    CONFLICT      (never overwritten)

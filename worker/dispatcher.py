@@ -26,7 +26,7 @@ from collections.abc import Callable
 import redis
 
 from worker import keys
-from worker.dlq import DeadLetterStore
+from worker.dlq import DeadLetterStore, Reason
 from worker.logs import kv
 from worker.store import ResultStore
 
@@ -95,10 +95,10 @@ class Dispatcher:
                     return None
                 pipe.multi()
                 dlq_id = self.dlq.add(
-                    reason="retries_exhausted",
+                    reason=Reason.RETRIES_EXHAUSTED,
                     payload="",
                     error=ORPHAN_ERROR,
-                    result_id=rid,
+                    rid=rid,
                     pipeline=pipe,
                 )
                 pipe.zrem(keys.SCHEDULE, rid)

@@ -1,4 +1,4 @@
-"""The dead-letter store (contract §5): results the worker gave up on, kept in Redis.
+"""The dead-letter store: results the worker gave up on, kept in Redis (docs/interface.md).
 
 Each entry is one JSON string under `keys.dlq_entry(id)`, indexed three ways (all, by
 reason, by brand) in zsets scored by its sequence number, so the newest page of a 100k
@@ -30,15 +30,15 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from datetime import datetime
+from enum import StrEnum
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from worker import keys, scripts
-from worker.ingest_format import InvalidMessage, parse_entry, to_rfc3339
+from worker.ingest_format import BRAND_PATTERN, InvalidMessage, parse_entry, to_rfc3339
 from worker.logs import kv
-from worker.settings import BRAND_PATTERN
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -46,21 +46,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REASONS = (
-    "invalid_message",
-    "unknown_brand",
-    "fiscal_id_conflict",
-    "receipt_not_closed",
-    "receipt_not_found",
-    "validation_failed",
-    "auth_failed",
-    "retries_exhausted",
-)
-MAX_PAYLOAD_BYTES = 1024 * 1024  # kept whole up to here (contract §5)
+
+class Reason(StrEnum):
+    """Why a result was dead-lettered (docs/interface.md, Dead-letter store): a fixed set."""
+
+    INVALID_MESSAGE = "invalid_message"  # not JSON, or breaks a field rule
+    UNKNOWN_BRAND = "unknown_brand"  # no credentials for its brand
+    FISCAL_ID_CONFLICT = "fiscal_id_conflict"  # the receipt carries another fiscal id
+    RECEIPT_NOT_CLOSED = "receipt_not_closed"  # still open at the end of the not-ready window
+    RECEIPT_NOT_FOUND = "receipt_not_found"  # still 404 at the end of the not-ready window
+    VALIDATION_FAILED = "validation_failed"  # the API refused the request (400)
+    AUTH_FAILED = "auth_failed"  # the brand's credentials were rejected, after bounded tries
+    RETRIES_EXHAUSTED = "retries_exhausted"  # transient failures outlasted their window
+
+
+REASONS = tuple(reason.value for reason in Reason)
+MAX_PAYLOAD_BYTES = 1024 * 1024  # kept whole up to here (docs/interface.md)
 TRUNCATED_PAYLOAD_BYTES = 64 * 1024  # what is kept of a larger payload
 MAX_ERROR_CHARS = 2_000  # an error message is cut here
 MAX_FIELD_CHARS = 256  # brand / fiscal_id of an invalid message are cut here
 PAGE = 500  # ids read per round trip when walking an index
+WARN_ENTRIES = 100_000  # past this many entries the store warns (it never drops one)
+WARN_BYTES = 1024**3  # or past this much entry JSON
 OVER_BOUND_WARNING_SECONDS = 60.0  # `dlq_over_bound` is logged at most this often
 
 ID_PATTERN = re.compile(r"dl-[1-9][0-9]*")
@@ -86,18 +93,22 @@ class DeadLetterStore:
     """
 
     def __init__(
-        self, redis: Redis, *, warn_entries: int = 100_000, warn_bytes: int = 1024**3
+        self,
+        redis_client: Redis,
+        *,
+        warn_entries: int = WARN_ENTRIES,
+        warn_bytes: int = WARN_BYTES,
     ) -> None:
         if warn_entries < 1:
             raise ValueError("warn_entries must be >= 1")
         if warn_bytes < 1:
             raise ValueError("warn_bytes must be >= 1")
-        self.redis = redis
+        self.redis = redis_client
         self.warn_entries = warn_entries
         self.warn_bytes = warn_bytes
-        self._add_script = redis.register_script(scripts.load("dlq_add"))
-        self._remove_script = redis.register_script(scripts.load("dlq_remove"))
-        self._replay_script = redis.register_script(scripts.load("dlq_replay"))
+        self._add_script = redis_client.register_script(scripts.load("dlq_add"))
+        self._remove_script = redis_client.register_script(scripts.load("dlq_remove"))
+        self._replay_script = redis_client.register_script(scripts.load("dlq_replay"))
         # Per caller's pipeline: by-result key -> (entry id, its queued command), so a
         # second add for one result id in one MULTI returns the first one's id.
         self._queued: weakref.WeakKeyDictionary[Pipeline, dict[str, tuple[str, Any]]] = (
@@ -120,7 +131,7 @@ class DeadLetterStore:
         last_seen: datetime | str | float | None = None,
         http_status: int | None = None,
         result: dict[str, Any] | BaseModel | None = None,
-        result_id: str | None = None,
+        rid: str | None = None,
         pipeline: Pipeline | None = None,
     ) -> str:
         """Dead-letter one result; returns its id `dl-<n>`.
@@ -129,9 +140,10 @@ class DeadLetterStore:
         `result` is the parsed result (dict or FiscalResult), null for invalid messages;
         receipt_id / brand / fiscal_id default to its fields.
 
-        A result id is dead-lettered once: while an entry for `result_id` is in the store,
-        add() writes nothing and returns that entry's id (checked and written in one Lua
-        script, so concurrent adds for one result id make one entry).
+        A result is dead-lettered once: while an entry for its `rid` (the stream entry id) is
+        in the store, add() writes nothing and returns that entry's id (checked and written in
+        one Lua script, so concurrent adds for one result make one entry). The entry keeps the
+        rid in its field `result_id` (a name of the JSON output, which the CLI prints).
 
         With `pipeline` (a transaction after MULTI) the id is allocated now and the guarded
         write is queued on it, to commit with the caller's own changes (if another process
@@ -145,12 +157,12 @@ class DeadLetterStore:
             receipt_id = result_fields.get("receipt_id") if receipt_id is None else receipt_id
             brand = result_fields.get("brand") if brand is None else brand
             fiscal_id = result_fields.get("fiscal_id") if fiscal_id is None else fiscal_id
-        entry_result_id = None if result_id is None else str(result_id)
-        by_result = None if entry_result_id is None else keys.dlq_by_result(entry_result_id)
+        entry_rid = None if rid is None else str(rid)
+        by_result = None if entry_rid is None else keys.dlq_by_result(entry_rid)
         if pipeline is not None and by_result is not None:
             existing = self._queued_on(pipeline, by_result) or self._existing(by_result)
             if existing is not None:
-                _log_duplicate(existing, entry_result_id)
+                _log_duplicate(existing, entry_rid)
                 return existing
         now = to_rfc3339()
         entry_brand = _cut(brand)
@@ -169,7 +181,7 @@ class DeadLetterStore:
             "http_status": _int_or_none(http_status),
             **_payload_fields(payload),
             "result": result_fields,
-            "result_id": entry_result_id,
+            "result_id": entry_rid,
         }
         text = _dumps(entry)
         script_keys, args = _removal(entry_id, entry)
@@ -186,7 +198,7 @@ class DeadLetterStore:
             outcome = self._add_script(keys=script_keys, args=args)
         stored_id = _text(outcome[0])
         if int(outcome[1]) != 1:
-            _log_duplicate(stored_id, entry_result_id)
+            _log_duplicate(stored_id, entry_rid)
             return stored_id
         if pipeline is None:
             log.info(
@@ -196,7 +208,7 @@ class DeadLetterStore:
                     reason=reason,
                     brand=_brand_key(entry_brand) or None,
                     receipt_id=entry["receipt_id"],
-                    result_id=_log_safe(entry_result_id),
+                    rid=_log_safe(entry_rid),
                 )
             )
         self._warn_if_over_bound(entries=int(outcome[2]), size=int(outcome[3]))
@@ -493,7 +505,7 @@ def _removal(entry_id: str, entry: dict[str, Any] | None) -> tuple[list[str], li
     reason = entry.get("reason") if entry else None
     reason = reason if reason in REASONS else REASONS[0]
     brand_key = _brand_key(entry.get("brand") if entry else None)
-    result_id = entry.get("result_id") if entry else None
+    rid = entry.get("result_id") if entry else None  # the field holds the rid
     script_keys = [
         keys.dlq_entry(entry_id),
         keys.DLQ_INDEX,
@@ -502,8 +514,8 @@ def _removal(entry_id: str, entry: dict[str, Any] | None) -> tuple[list[str], li
         keys.DLQ_COUNTS,
         keys.DLQ_BYTES,
     ]
-    if isinstance(result_id, str):
-        script_keys.append(keys.dlq_by_result(result_id))
+    if isinstance(rid, str):
+        script_keys.append(keys.dlq_by_result(rid))
     return script_keys, [entry_id, f"reason:{reason}", f"brand:{brand_key}"]
 
 
@@ -531,8 +543,8 @@ def _cut(value: Any) -> str | None:
     return None if value is None else str(value)[:MAX_FIELD_CHARS]
 
 
-def _log_duplicate(entry_id: str, result_id: str | None) -> None:
-    log.info(kv("dlq_duplicate", id=entry_id, result_id=_log_safe(result_id)))
+def _log_duplicate(entry_id: str, rid: str | None) -> None:
+    log.info(kv("dlq_duplicate", id=entry_id, rid=_log_safe(rid)))
 
 
 def _counter(value: str | bytes | None) -> int:

@@ -84,5 +84,8 @@ class FiscalisedMarkers:
         value = self.redis.get(keys.fiscalised(brand, receipt_id))
         return None if value is None else str(value)
 
-    def set(self, brand: str, receipt_id: int, fiscal_id: str, pipe: redis.client.Pipeline) -> None:
-        pipe.set(keys.fiscalised(brand, receipt_id), fiscal_id, ex=self.ttl_seconds)
+    def set(
+        self, brand: str, receipt_id: int, fiscal_id: str, *, pipeline: redis.client.Pipeline
+    ) -> None:
+        """Queue on the caller's `pipeline`: the receipt is fiscalised with `fiscal_id`."""
+        pipeline.set(keys.fiscalised(brand, receipt_id), fiscal_id, ex=self.ttl_seconds)

@@ -1,6 +1,6 @@
 """The ingest consumer: adapters' stream entries -> recorded results -> Celery tasks.
 
-A consumer group on the ingest stream (contract §3). For each entry:
+A consumer group on the ingest stream (docs/interface.md, Ingest). For each entry:
   valid    record the result (worker/store.py), publish its task, then XACK + XDEL
   invalid  dead-letter `invalid_message` with the raw payload, XACK + XDEL, in one transaction
 Nothing is acknowledged before it is safe in Redis (recorded, or dead-lettered). Entries are
@@ -45,13 +45,14 @@ import redis
 from worker import keys, scripts
 from worker.audit import AuditTrail
 from worker.dispatcher import Publish
-from worker.dlq import DeadLetterStore
+from worker.dlq import DeadLetterStore, Reason
 from worker.ingest_format import MAX_ENTRY_BYTES, FiscalResult, InvalidMessage, parse_entry
 from worker.logs import kv
 from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 
+CLAIM_IDLE_SECONDS = 30.0  # an entry read this long ago and not settled: its consumer died
 READ_BATCH = 100  # entries one read takes at most
 INGEST_READ_BYTES = 8 * 1024 * 1024  # about what one read brings in (a larger entry: alone)
 MAX_DELIVERIES = 5  # an entry our own code failed on, delivered more often, is dead-lettered
@@ -106,7 +107,7 @@ class IngestConsumer:
     def __init__(
         self,
         *,
-        raw_redis: redis.Redis,
+        redis_client: redis.Redis,
         stream: str,
         consumer: str,
         store: ResultStore,
@@ -114,12 +115,12 @@ class IngestConsumer:
         audit: AuditTrail,
         publish: Publish,
         queue_has_room: Callable[[], bool],
-        claim_idle_seconds: float = 30.0,
+        claim_idle_seconds: float = CLAIM_IDLE_SECONDS,
         block_ms: int = 500,
         read_bytes: int = INGEST_READ_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.redis = raw_redis  # decode_responses=False
+        self.redis = redis_client  # decode_responses=False
         self.stream = stream
         self.group = keys.INGEST_GROUP
         self.consumer = consumer
@@ -132,8 +133,8 @@ class IngestConsumer:
         self.block_ms = block_ms
         self.read_bytes = read_bytes
         self.clock = clock
-        self._read_script = raw_redis.register_script(scripts.load("ingest_read"))
-        self._prune_script = raw_redis.register_script(scripts.load("ingest_prune"))
+        self._read_script = redis_client.register_script(scripts.load("ingest_read"))
+        self._prune_script = redis_client.register_script(scripts.load("ingest_prune"))
         self._claim_cursor = "0-0"  # where the next reclaim() goes on scanning the PEL
 
     def ensure_group(self) -> None:
@@ -440,10 +441,10 @@ class IngestConsumer:
         payload = entry.data if entry.data is not None else _describe_fields(entry.fields)
         pipe = self.store.redis.pipeline(transaction=True)
         dlq_id = self.dlq.add(
-            reason="invalid_message",
+            reason=Reason.INVALID_MESSAGE,
             payload=payload,
             error=error,
-            result_id=entry.entry_id,
+            rid=entry.entry_id,
             pipeline=pipe,
         )
         pipe.hincrby(keys.COUNTERS, "dead_lettered:invalid_message", 1)

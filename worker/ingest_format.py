@@ -1,11 +1,11 @@
-"""The ingest format (contract §3): one stream entry, its validation, and `submit()`.
+"""The ingest format (docs/interface.md, Ingest): one stream entry, its validation, and `submit()`.
 
 An adapter appends `XADD fiscal:results * data <json object>`. `parse_entry()` turns the
 `data` field into a `FiscalResult` or raises `InvalidMessage` with one human-readable line
 (the ingest consumer dead-letters it as `invalid_message`). It never raises anything else,
 whatever the bytes. `submit()` is the documented way for Python adapters to write an entry.
 
-RFC 3339 helpers live here too: the contract's one time format, used by the dead-letter
+RFC 3339 helpers live here too: the interface's one time format, used by the dead-letter
 store and the audit trail.
 """
 
@@ -27,11 +27,11 @@ from pydantic import (
     field_validator,
 )
 
-from worker.settings import BRAND_PATTERN, get_settings
-
 if TYPE_CHECKING:
     from redis import Redis
 
+# What a brand may be: it selects credentials and a rate budget, and is part of Redis keys.
+BRAND_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_ENTRY_BYTES = 64 * 1024  # larger entries are not parsed; the consumer dead-letters them
 MAX_NESTING = 64  # deepest JSON nesting accepted in extra fields (keeps re-encoding safe)
 MAX_REASON_CHARS = 300  # an InvalidMessage line is cut here
@@ -109,7 +109,7 @@ def to_rfc3339(value: datetime | str | float | None = None) -> str:
 
 
 class FiscalResult(BaseModel):
-    """One fiscal-device result, as an adapter hands it over (contract §3).
+    """One fiscal-device result, as an adapter hands it over (docs/interface.md, Ingest).
 
     Unknown extra fields are kept (`extras()`); they travel to the audit record.
     """
@@ -314,10 +314,10 @@ def submit(
     """Hand one fiscal result to the worker; returns the stream entry id.
 
     This is the supported way for a Python adapter to submit a result: it validates the
-    fields with the same rules the worker applies (contract §3), then appends one entry
-    `XADD <stream> * data <json>` to the ingest stream. The worker then sets the receipt's
-    fiscal_id and locks it, exactly once in effect: submitting the same result again is
-    harmless.
+    fields with the same rules the worker applies (docs/interface.md, Ingest), then appends
+    one entry `XADD <stream> * data <json>` to the ingest stream. The worker then sets the
+    receipt's fiscal_id and locks it, exactly once in effect: submitting the same result
+    again is harmless.
 
     Args:
         redis: a redis-py client for the worker's Redis (`FISCAL_REDIS_URL`).
@@ -356,5 +356,9 @@ def submit(
     }
     fields.update({name: value for name, value in optional.items() if value is not None})
     result = validate(fields)
-    entry_id = redis.xadd(stream or get_settings().ingest_stream, {"data": result.to_data()})
+    if stream is None:
+        from worker.settings import get_settings  # settings import this module's brand rule
+
+        stream = get_settings().ingest_stream
+    entry_id = redis.xadd(stream, {"data": result.to_data()})
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

@@ -192,21 +192,21 @@ def failed_calls(minute: int) -> str:
     return f"{PREFIX}:failed-calls:{minute}"
 
 
-def result(result_id: str) -> str:
+def result(rid: str) -> str:
     """hash: one result not finished yet (fields, attempts, dispatch, deadline); no TTL:
     deleted when it finishes (fiscalised or dead-lettered), which it does by its deadline
     at the latest (worker/store.py). Bounded by the unfinished results. result("*") is the
     scan pattern of every record."""
-    return f"{PREFIX}:result:{result_id}"
+    return f"{PREFIX}:result:{rid}"
 
 
-# zset: result_id -> unix time it is due (to run, or to be re-driven if its lease lapses).
+# zset: rid -> unix time it is due (to run, or to be re-driven if its lease lapses).
 # Holds exactly the unfinished results; bounded by them.
 SCHEDULE = f"{PREFIX}:schedule"
 
 
 # Dead-letter store: never trimmed (entries leave only by replay or purge); bounded by the
-# results dead-lettered, at most one entry per result id. Past dlq_warn_entries or
+# results dead-lettered, at most one entry per result (rid). Past dlq_warn_entries or
 # dlq_warn_bytes it warns (log, `dlq stats`, metrics) and keeps everything.
 DLQ_SEQ = f"{PREFIX}:dlq:seq"  # string counter: ids are dl-<seq>
 DLQ_INDEX = f"{PREFIX}:dlq:index"  # zset id -> seq (newest = highest)
@@ -216,7 +216,7 @@ DLQ_COUNTS = f"{PREFIX}:dlq:counts"  # hash reason:<r> / brand:<b> -> count
 DLQ_BYTES = f"{PREFIX}:dlq:bytes"
 DLQ_PATTERN = f"{PREFIX}:dlq:*"  # scan pattern: every dead-letter key
 
-_RESULT_ID_IN_KEY = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
+_RID_IN_KEY = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
 
 
 def dlq_entry(entry_id: str) -> str:
@@ -224,17 +224,17 @@ def dlq_entry(entry_id: str) -> str:
     return f"{PREFIX}:dlq:entry:{entry_id}"
 
 
-def dlq_by_result(result_id: str) -> str:
-    """string: the id of the entry dead-lettered for this result id; deleted with it.
+def dlq_by_result(rid: str) -> str:
+    """string: the id of the entry dead-lettered for this result (its rid); deleted with it.
 
-    A result id is untrusted: unless it is 1-128 chars of `0-9A-Za-z_.:-` (stream ids
-    are), the key holds `sha256:<hex>` of it instead. An id that itself starts with
-    `sha256:` is hashed too, so no id can take another's key.
+    An id read back from the store is untrusted: unless it is 1-128 chars of
+    `0-9A-Za-z_.:-` (stream ids are), the key holds `sha256:<hex>` of it instead. An id that
+    itself starts with `sha256:` is hashed too, so no id can take another's key.
     """
-    if _RESULT_ID_IN_KEY.fullmatch(result_id) and not result_id.startswith("sha256:"):
-        name = result_id
+    if _RID_IN_KEY.fullmatch(rid) and not rid.startswith("sha256:"):
+        name = rid
     else:
-        name = "sha256:" + hashlib.sha256(result_id.encode("utf-8", "surrogatepass")).hexdigest()
+        name = "sha256:" + hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{PREFIX}:dlq:result:{name}"
 
 

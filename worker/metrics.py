@@ -33,8 +33,8 @@ from worker.status import collect
 
 
 class RedisStateCollector(Collector):
-    def __init__(self, r: redis.Redis, settings: Settings) -> None:
-        self.redis = r
+    def __init__(self, redis_client: redis.Redis, settings: Settings) -> None:
+        self.redis = redis_client
         self.settings = settings
 
     def collect(self) -> Iterator[Metric]:

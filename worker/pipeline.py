@@ -33,7 +33,7 @@ from worker.breaker import CircuitBreaker, FailedCallGuard
 from worker.clopos.client import CloposClient
 from worker.clopos.tokens import FAILURE_MEMORY_SECONDS
 from worker.decide import Action, confirms, decide
-from worker.dlq import DeadLetterStore
+from worker.dlq import DeadLetterStore, Reason
 from worker.errors import (
     AuthError,
     CloposError,
@@ -107,7 +107,7 @@ class Kind(StrEnum):
 class Outcome:
     kind: Kind
     detail: str = ""
-    reason: str | None = None  # dead-letter reason
+    reason: Reason | None = None  # dead-letter reason
     dlq_id: str | None = None
     due: float | None = None  # parked until
 
@@ -164,11 +164,11 @@ class Fiscaliser:
         if self.clock() >= record.deadline:
             error = f"deadline reached ({to_rfc3339(record.deadline)}); last error: "
             return self._dead_letter(
-                record, "retries_exhausted", error + (record.last_error or "-")
+                record, Reason.RETRIES_EXHAUSTED, error + (record.last_error or "-")
             )
         if record.brand not in self.credentials:
             return self._dead_letter(
-                record, "unknown_brand", f"no credentials for brand {record.brand!r}"
+                record, Reason.UNKNOWN_BRAND, f"no credentials for brand {record.brand!r}"
             )
         absorbed = self._check_marker(record)
         if absorbed is not None:
@@ -245,7 +245,7 @@ class Fiscaliser:
         self._attempt(record, "GET", got.status, "ok")
         decision = decide(receipt, record.fiscal_id)
         if decision.action is Action.CONFLICT:
-            return self._dead_letter(record, "fiscal_id_conflict", decision.detail, got.status)
+            return self._dead_letter(record, Reason.FISCAL_ID_CONFLICT, decision.detail, got.status)
         if decision.action is Action.NOT_CLOSED:
             return self._not_ready(record, NotReadyError(decision.detail, http_status=got.status))
         if decision.action is Action.DONE:
@@ -367,7 +367,7 @@ class Fiscaliser:
         if marked == record.fiscal_id:
             return self._finish(record, Kind.DUPLICATE, "already fiscalised by this worker")
         return self._dead_letter(
-            record, "fiscal_id_conflict", f"receipt was fiscalised with fiscal_id {marked!r}"
+            record, Reason.FISCAL_ID_CONFLICT, f"receipt was fiscalised with fiscal_id {marked!r}"
         )
 
     # --- failures: one handler per error class --------------------------------------------
@@ -382,14 +382,14 @@ class Fiscaliser:
             return self._park(record, due, str(exc), exc.http_status, counted=False)
         record.first = False  # a failure: its next try queues behind the brand's backlog
         if isinstance(exc, PermanentError):
-            return self._dead_letter(record, "validation_failed", str(exc), exc.http_status)
+            return self._dead_letter(record, Reason.VALIDATION_FAILED, str(exc), exc.http_status)
         if isinstance(exc, NotReadyError):
             return self._not_ready(record, exc)
         if isinstance(exc, AuthError):
             record.auth_failures += 1
             retry = self.policy.auth(record.auth_failures, self.clock())
             if retry.due is None:
-                return self._dead_letter(record, "auth_failed", str(exc), exc.http_status)
+                return self._dead_letter(record, Reason.AUTH_FAILED, str(exc), exc.http_status)
             # Not before the brand's remembered rejection lapses: each try then meets a real
             # /v2/auth answer (made by one process for all), so fixed credentials are seen.
             due = max(retry.due, self.clock() + FAILURE_MEMORY_SECONDS + random.uniform(0, 2))
@@ -399,7 +399,7 @@ class Fiscaliser:
         record.transient_since = record.transient_since or now
         retry = self.policy.transient(record.failures, record.transient_since, now)
         if retry.due is None:
-            return self._dead_letter(record, "retries_exhausted", str(exc), exc.http_status)
+            return self._dead_letter(record, Reason.RETRIES_EXHAUSTED, str(exc), exc.http_status)
         return self._park(record, retry.due, str(exc), exc.http_status)
 
     def _deferred(self, record: ResultRecord, deferred: Deferred, *, under_way: bool) -> Outcome:
@@ -413,7 +413,8 @@ class Fiscaliser:
             record.transient_since = record.transient_since or now
             if now >= record.transient_since + self.policy.transient_window:
                 error = f"{deferred.why}; last error: {record.last_error or '-'}"
-                return self._dead_letter(record, "retries_exhausted", error, record.last_status)
+                status = record.last_status
+                return self._dead_letter(record, Reason.RETRIES_EXHAUSTED, error, status)
             # Spread the brand's waiting results over the cool-down, not all at its end.
             spread = max(1.0, deferred.until - now)
             return self._park(
@@ -430,7 +431,7 @@ class Fiscaliser:
         retry = self.policy.not_ready(record.failures, record.not_ready_since, now)
         if retry.due is not None:
             return self._park(record, retry.due, exc.message, exc.http_status)
-        reason = "receipt_not_found" if record.not_found else "receipt_not_closed"
+        reason = Reason.RECEIPT_NOT_FOUND if record.not_found else Reason.RECEIPT_NOT_CLOSED
         return self._dead_letter(record, reason, exc.message, exc.http_status)
 
     # --- outcomes: each is one transaction, fenced on the run's dispatch -------------------
@@ -447,7 +448,7 @@ class Fiscaliser:
             record.last_error, record.last_status = error, http_status
         due = min(due, record.deadline)  # no wait outlives the result's deadline
         with self.store.fenced(record) as pipe:
-            self.store.park(record, due, pipe)
+            self.store.park(record, due, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, "retries_scheduled", 1)
         log.info(
             kv(
@@ -465,7 +466,7 @@ class Fiscaliser:
         self, record: ResultRecord, kind: Kind, detail: str, patched: bool = False
     ) -> Outcome:
         with self.store.fenced(record) as pipe:
-            self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipe)
+            self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipeline=pipe)
             self.audit.set_state(
                 record.brand,
                 record.receipt_id,
@@ -473,7 +474,7 @@ class Fiscaliser:
                 fiscal_id=record.fiscal_id,
                 pipeline=pipe,
             )
-            self.store.forget(record.rid, pipe)
+            self.store.forget(record.rid, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, kind.value, 1)
             if patched:
                 pipe.hincrby(keys.COUNTERS, "patches", 1)
@@ -490,7 +491,7 @@ class Fiscaliser:
         return Outcome(kind, detail)
 
     def _dead_letter(
-        self, record: ResultRecord, reason: str, error: str, http_status: int | None = None
+        self, record: ResultRecord, reason: Reason, error: str, http_status: int | None = None
     ) -> Outcome:
         now = self.clock()
         with self.store.fenced(record) as pipe:
@@ -506,7 +507,7 @@ class Fiscaliser:
                 last_seen=to_rfc3339(now),
                 http_status=http_status if http_status is not None else record.last_status,
                 result=record.result,
-                result_id=record.rid,
+                rid=record.rid,
                 pipeline=pipe,
             )
             self.audit.set_state(
@@ -517,7 +518,7 @@ class Fiscaliser:
                 dlq_id=dlq_id,
                 pipeline=pipe,
             )
-            self.store.forget(record.rid, pipe)
+            self.store.forget(record.rid, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, f"dead_lettered:{reason}", 1)
         log.warning(
             kv(
@@ -538,16 +539,16 @@ class Fiscaliser:
         error = f"the worker's record of this result is damaged ({damaged.error})"
         with self.store.fenced_raw(damaged.rid, damaged.dispatch) as pipe:
             dlq_id = self.dlq.add(
-                reason="retries_exhausted",
+                reason=Reason.RETRIES_EXHAUSTED,
                 payload=damaged.raw.get("payload", ""),
                 error=error,
-                result_id=damaged.rid,
+                rid=damaged.rid,
                 pipeline=pipe,
             )
-            self.store.forget(damaged.rid, pipe)
+            self.store.forget(damaged.rid, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, "dead_lettered:retries_exhausted", 1)
         log.error(kv("result_damaged", rid=damaged.rid, dlq_id=dlq_id, error=damaged.error))
-        return Outcome(Kind.DEAD_LETTERED, error, reason="retries_exhausted", dlq_id=dlq_id)
+        return Outcome(Kind.DEAD_LETTERED, error, reason=Reason.RETRIES_EXHAUSTED, dlq_id=dlq_id)
 
     def _attempt(self, record: ResultRecord, call: str, status: int | None, outcome: str) -> None:
         self.audit.record_attempt(

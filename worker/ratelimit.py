@@ -38,6 +38,8 @@ import redis
 from worker import keys, scripts
 from worker.errors import RateLimitInfo
 
+LIMIT = 300  # requests per window and brand: Clopos' budget
+WINDOW_SECONDS = 60.0
 CALLS_PER_RESULT = 2  # GET + PATCH
 MARGIN = 0.03  # planned below the nominal budget: 291 of 300
 LEAD_SECONDS = 1.0
@@ -67,8 +69,8 @@ class Reservation:
 
 @dataclass(frozen=True)
 class RatePolicy:
-    limit: int = 300
-    window: float = 60.0
+    limit: int = LIMIT
+    window: float = WINDOW_SECONDS
     margin: float = MARGIN
     lead: float = LEAD_SECONDS
     short_wait: float = SHORT_WAIT_SECONDS

@@ -112,17 +112,17 @@ def reset_clients() -> None:
         _clients.clear()
 
 
-def maxmemory_policy(client: redis.Redis) -> str | None:
+def maxmemory_policy(redis_client: redis.Redis) -> str | None:
     """Redis' maxmemory-policy, or None where it cannot be read (fakeredis; a managed Redis
     that answers neither CONFIG GET nor INFO memory with it)."""
     try:
-        reply = client.config_get("maxmemory-policy")
+        reply = redis_client.config_get("maxmemory-policy")
         value = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
     except redis.ResponseError:  # CONFIG disabled or renamed (managed Redis)
         value = None
     if not value:
         try:
-            value = client.info("memory").get("maxmemory_policy")
+            value = redis_client.info("memory").get("maxmemory_policy")
         except redis.ResponseError:
             value = None
     if isinstance(value, bytes):
@@ -136,10 +136,10 @@ def is_evicting(policy: str | None) -> bool:
     return policy is not None and policy != "noeviction"
 
 
-def check_policy(client: redis.Redis, *, allow_evicting: bool) -> str | None:
+def check_policy(redis_client: redis.Redis, *, allow_evicting: bool) -> str | None:
     """At a worker's start: raise EvictingRedis (one line) under an evicting policy unless
     the operator opted out with FISCAL_ALLOW_EVICTING_REDIS; returns the policy."""
-    policy = maxmemory_policy(client)
+    policy = maxmemory_policy(redis_client)
     if is_evicting(policy) and not allow_evicting:
         raise EvictingRedis(
             f"Redis maxmemory-policy is {policy}: it evicts result records, markers and leases "

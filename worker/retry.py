@@ -1,7 +1,7 @@
 """When a result that could not be applied is tried again, and when it gives up.
 
-    RetryPolicy(base=1.0, transient_cap=300.0, not_ready_cap=60.0, floor=0.5,
-                transient_window=86400, not_ready_window=1800, auth_max_attempts=5)
+    RetryPolicy(transient_window=86400, not_ready_window=1800, base=1.0,
+                transient_cap=300.0, not_ready_cap=60.0, floor=0.5, auth_max_attempts=5)
 
     base               first backoff ceiling, seconds; doubles per failed attempt
     transient_cap      largest backoff for network errors, timeouts, 5xx
@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+TRANSIENT_WINDOW_SECONDS = 86_400.0  # an outage of up to a day is waited out
+NOT_READY_WINDOW_SECONDS = 1_800.0  # a receipt is closed within half an hour of its print
 BASE_SECONDS = 1.0
 TRANSIENT_CAP_SECONDS = 300.0  # an outage is probed every 5 min at most
 NOT_READY_CAP_SECONDS = 60.0  # a receipt closing late is picked up within a minute
@@ -39,8 +41,8 @@ class Retry:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    transient_window: float = 86_400.0
-    not_ready_window: float = 1_800.0
+    transient_window: float = TRANSIENT_WINDOW_SECONDS
+    not_ready_window: float = NOT_READY_WINDOW_SECONDS
     base: float = BASE_SECONDS
     transient_cap: float = TRANSIENT_CAP_SECONDS
     not_ready_cap: float = NOT_READY_CAP_SECONDS

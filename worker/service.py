@@ -66,7 +66,7 @@ class WorkerService:
             return self.queue_length() < settings.max_queued
 
         self.consumer = IngestConsumer(
-            raw_redis=redis_client(settings, decode_responses=False),
+            redis_client=redis_client(settings, decode_responses=False),
             stream=settings.ingest_stream,
             consumer=consumer,
             store=runtime.store,

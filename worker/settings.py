@@ -1,4 +1,4 @@
-"""Settings: every environment variable of the contract (§2) plus the project's own knobs.
+"""Settings: every environment variable of docs/interface.md (Settings), read once.
 
 Read once per process with `get_settings()`. A bad value raises `SettingsError`, whose
 message is one line naming the variable; entry points print it and exit (no traceback).
@@ -9,7 +9,6 @@ Clopos credentials are needed only by what calls the API, so they are checked by
 from __future__ import annotations
 
 import json
-import re
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -17,10 +16,12 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker import breaker, dlq, idempotency, ingest, ratelimit, retry, store
+from worker.clopos import wire
+from worker.ingest_format import BRAND_PATTERN
 from worker.logs import register_secret
 
 ENV_PREFIX = "FISCAL_"
-BRAND_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DAY = 86_400
 
 
@@ -50,15 +51,16 @@ class BrandCredentials(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    # --- contract §2 ---------------------------------------------------------------
+    # --- the interface's own (docs/interface.md) --------------------------------------
+    # A default that is a policy's number is that policy's constant: one source for each.
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")  # may carry a password
     clopos_base_url: str = "https://integrations.clopos.com/open-api"
     clopos_integrator_id: str | None = None
     clopos_credentials_file: Path | None = None
-    rate_limit_requests: int = Field(300, ge=1)
-    rate_limit_window_seconds: float = Field(60, gt=0)
-    not_ready_retry_window_seconds: float = Field(1800, ge=0)
-    transient_retry_window_seconds: float = Field(86_400, ge=0)
+    rate_limit_requests: int = Field(ratelimit.LIMIT, ge=1)
+    rate_limit_window_seconds: float = Field(ratelimit.WINDOW_SECONDS, gt=0)
+    not_ready_retry_window_seconds: float = Field(retry.NOT_READY_WINDOW_SECONDS, ge=0)
+    transient_retry_window_seconds: float = Field(retry.TRANSIENT_WINDOW_SECONDS, ge=0)
     ingest_stream: str = Field("fiscal:results", min_length=1)
 
     # --- the project's own ---------------------------------------------------------
@@ -67,40 +69,40 @@ class Settings(BaseSettings):
     # busy receipt). Unset: the longer of the two retry windows.
     result_deadline_seconds: float | None = Field(None, gt=0)
     # HTTP read timeout: above the API's 8 s upstream limit so its 504 reaches us first.
-    http_timeout_seconds: float = Field(12, gt=0)
-    http_connect_timeout_seconds: float = Field(5, gt=0)
+    http_timeout_seconds: float = Field(wire.READ_TIMEOUT_SECONDS, gt=0)
+    http_connect_timeout_seconds: float = Field(wire.CONNECT_TIMEOUT_SECONDS, gt=0)
     fiscalised_marker_ttl_seconds: int = Field(30 * DAY, ge=60)
     audit_ttl_seconds: int = Field(90 * DAY, ge=60)
     audit_max_attempts: int = Field(50, ge=1)
     # Dead-letter store: never trimmed; past either bound it warns (log, stats, metric).
-    dlq_warn_entries: int = Field(100_000, ge=1)
-    dlq_warn_bytes: int = Field(1024**3, ge=1024)
+    dlq_warn_entries: int = Field(dlq.WARN_ENTRIES, ge=1)
+    dlq_warn_bytes: int = Field(dlq.WARN_BYTES, ge=1024)
     # Retry policy (worker/retry.py explains each number).
-    retry_base_seconds: float = Field(1.0, gt=0)
-    retry_max_delay_seconds: float = Field(300.0, gt=0)
-    not_ready_max_delay_seconds: float = Field(60.0, gt=0)
+    retry_base_seconds: float = Field(retry.BASE_SECONDS, gt=0)
+    retry_max_delay_seconds: float = Field(retry.TRANSIENT_CAP_SECONDS, gt=0)
+    not_ready_max_delay_seconds: float = Field(retry.NOT_READY_CAP_SECONDS, gt=0)
     # Results published to the Celery queue at most at once; the rest wait, due, in the
     # schedule. Keeps queued messages few, so none outlives its lease while queued.
     max_queued: int = Field(500, ge=1)
     # Leases of worker/store.py: a result whose worker died is re-driven when its lease
     # lapses. run: longer than one API call with its timeouts; queue: than a short queue.
-    run_lease_seconds: float = Field(30.0, gt=0)
-    queue_lease_seconds: float = Field(120.0, gt=0)
+    run_lease_seconds: float = Field(store.RUN_LEASE_SECONDS, gt=0)
+    queue_lease_seconds: float = Field(store.QUEUE_LEASE_SECONDS, gt=0)
     # A worker renews the leases of the results it holds (received, prefetched or running)
     # every heartbeat; those of a worker that died lapse `worker_lease` after its last one.
     worker_heartbeat_seconds: float = Field(10.0, gt=0)
-    worker_lease_seconds: float = Field(30.0, gt=0)
+    worker_lease_seconds: float = Field(store.HELD_LEASE_SECONDS, gt=0)
     # Per-receipt lock (worker/idempotency.py): longer than a GET + auth + PATCH can take.
-    receipt_lock_seconds: float = Field(120.0, gt=0)
+    receipt_lock_seconds: float = Field(idempotency.LOCK_SECONDS, gt=0)
     # Rate budget and circuit breaker (worker/ratelimit.py, worker/breaker.py).
-    rate_limit_margin: float = Field(0.03, ge=0, lt=1)
-    breaker_failure_threshold: int = Field(5, ge=1)
-    breaker_cooldown_seconds: float = Field(5.0, gt=0)
-    breaker_max_cooldown_seconds: float = Field(300.0, gt=0)
-    auth_calls_per_minute: int = Field(30, ge=1, le=60)
-    failed_calls_per_minute: int = Field(300, ge=1)
+    rate_limit_margin: float = Field(ratelimit.MARGIN, ge=0, lt=1)
+    breaker_failure_threshold: int = Field(breaker.THRESHOLD, ge=1)
+    breaker_cooldown_seconds: float = Field(breaker.COOLDOWN_SECONDS, gt=0)
+    breaker_max_cooldown_seconds: float = Field(breaker.MAX_COOLDOWN_SECONDS, gt=0)
+    auth_calls_per_minute: int = Field(ratelimit.AUTH_PER_MINUTE, ge=1, le=60)
+    failed_calls_per_minute: int = Field(breaker.FAILED_CALLS_PER_MINUTE, ge=1)
     # A stream entry read by a consumer that died is claimed by another after this idle time.
-    claim_idle_seconds: float = Field(30.0, gt=0)
+    claim_idle_seconds: float = Field(ingest.CLAIM_IDLE_SECONDS, gt=0)
     # An evicting maxmemory-policy deletes results, markers and leases: the worker refuses
     # to start on one unless this says the operator accepts it (loud warning, metric).
     allow_evicting_redis: bool = False

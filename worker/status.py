@@ -20,26 +20,26 @@ from worker.redis_conn import is_evicting, maxmemory_policy
 from worker.settings import Settings, SettingsError
 
 
-def known_brands(r: redis.Redis, settings: Settings) -> list[str]:
+def known_brands(redis_client: redis.Redis, settings: Settings) -> list[str]:
     """Brands with credentials, plus any brand with budget or breaker state in Redis."""
     brands: set[str] = set()
     with contextlib.suppress(SettingsError):  # stats work without credentials
         brands.update(settings.clopos_credentials())
     for pattern in (keys.rate_tat("*"), keys.breaker("*")):
-        for key in r.scan_iter(match=pattern, count=500):
+        for key in redis_client.scan_iter(match=pattern, count=500):
             brand = keys.brand_of(key)
             if brand:
                 brands.add(brand)
     return sorted(brands)
 
 
-def redis_state(r: redis.Redis) -> dict[str, Any]:
+def redis_state(redis_client: redis.Redis) -> dict[str, Any]:
     """The memory settings that decide whether Redis may lose the worker's state."""
     try:
-        memory = r.info("memory")
+        memory = redis_client.info("memory")
     except redis.ResponseError:
         memory = {}
-    policy = maxmemory_policy(r)
+    policy = maxmemory_policy(redis_client)
     return {
         "maxmemory_policy": policy,
         "evicting": is_evicting(policy),
@@ -48,37 +48,40 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
     }
 
 
-def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
+def collect(redis_client: redis.Redis, settings: Settings) -> dict[str, Any]:
     now = time.time()
     policy = RatePolicy(
         limit=settings.rate_limit_requests,
         window=settings.rate_limit_window_seconds,
         margin=settings.rate_limit_margin,
     )
-    budget = BrandBudget(r, policy)
-    breaker = CircuitBreaker(r)
+    budget = BrandBudget(redis_client, policy)
+    breaker = CircuitBreaker(redis_client)
     try:
-        pending_entries = int(r.xpending(settings.ingest_stream, keys.INGEST_GROUP)["pending"])
+        pending = redis_client.xpending(settings.ingest_stream, keys.INGEST_GROUP)
+        pending_entries = int(pending["pending"])
     except redis.ResponseError:
         pending_entries = 0  # no group yet: no worker has run
-    counters = {k: int(v) for k, v in r.hgetall(keys.COUNTERS).items()}
+    counters = {k: int(v) for k, v in redis_client.hgetall(keys.COUNTERS).items()}
     return {
-        "redis": redis_state(r),
+        "redis": redis_state(redis_client),
         # alive: a heartbeat within the lease of the results a worker holds
-        "workers": int(r.zcount(keys.WORKERS, now - settings.worker_lease_seconds, "+inf")),
+        "workers": int(
+            redis_client.zcount(keys.WORKERS, now - settings.worker_lease_seconds, "+inf")
+        ),
         "results": {
-            "unfinished": int(r.zcard(keys.SCHEDULE)),
-            "due": int(r.zcount(keys.SCHEDULE, "-inf", now)),
-            "celery_queue": int(r.llen(keys.CELERY_QUEUE)),
-            "stream_length": int(r.xlen(settings.ingest_stream)),
+            "unfinished": int(redis_client.zcard(keys.SCHEDULE)),
+            "due": int(redis_client.zcount(keys.SCHEDULE, "-inf", now)),
+            "celery_queue": int(redis_client.llen(keys.CELERY_QUEUE)),
+            "stream_length": int(redis_client.xlen(settings.ingest_stream)),
             "stream_pending": pending_entries,
         },
         "counters": counters,
         "dead_letters": DeadLetterStore(
-            r, warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
+            redis_client, warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
         ).stats(),
         "brands": {
             brand: {"budget": budget.snapshot(brand), "breaker": breaker.state(brand)}
-            for brand in known_brands(r, settings)
+            for brand in known_brands(redis_client, settings)
         },
     }

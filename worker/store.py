@@ -47,12 +47,13 @@ import redis
 from worker import keys, scripts
 from worker.idempotency import ReceiptLock
 from worker.ratelimit import CALLS_PER_RESULT, RatePolicy, reserve_keys
+from worker.retry import TRANSIENT_WINDOW_SECONDS
 
 QUEUE_LEASE_SECONDS = 120.0  # published, not started yet: longer than a short queue takes
 RUN_LEASE_SECONDS = 30.0  # started: renewed before every API call and by the heartbeat
 HELD_LEASE_SECONDS = 30.0  # received by a live worker: renewed by its heartbeat
 # (settings: FISCAL_QUEUE_LEASE_SECONDS, FISCAL_RUN_LEASE_SECONDS, FISCAL_WORKER_LEASE_SECONDS)
-DEFAULT_LIFETIME_SECONDS = 86_400.0  # the transient retry window's default
+DEFAULT_LIFETIME_SECONDS = TRANSIENT_WINDOW_SECONDS
 ORPHAN_RECHECK_SECONDS = 60.0  # a schedule entry without its record, until it is dead-lettered
 
 
@@ -437,9 +438,9 @@ class ResultStore:
             except redis.WatchError:
                 raise Superseded from None
 
-    def park(self, record: ResultRecord, due: float, pipe: redis.client.Pipeline) -> None:
-        """Queue on `pipe`: save the record's counters and schedule it at `due`."""
-        pipe.hset(
+    def park(self, record: ResultRecord, due: float, *, pipeline: redis.client.Pipeline) -> None:
+        """Queue on the caller's `pipeline`: save the record's counters, schedule it at `due`."""
+        pipeline.hset(
             keys.result(record.rid),
             mapping=_flatten(
                 {
@@ -457,10 +458,11 @@ class ResultStore:
                 }
             ),
         )
-        pipe.hdel(keys.result(record.rid), "slot", "step", "slots")  # its reservation is spent
-        pipe.zadd(keys.SCHEDULE, {record.rid: due})
+        pipeline.hdel(keys.result(record.rid), "slot", "step", "slots")  # its reservation is spent
+        pipeline.zadd(keys.SCHEDULE, {record.rid: due})
 
-    def forget(self, rid: str, pipe: redis.client.Pipeline) -> None:
-        """Queue on `pipe`: the result is finished; drop its record and schedule entry."""
-        pipe.delete(keys.result(rid))
-        pipe.zrem(keys.SCHEDULE, rid)
+    def forget(self, rid: str, *, pipeline: redis.client.Pipeline) -> None:
+        """Queue on the caller's `pipeline`: the result is finished; drop its record and its
+        schedule entry."""
+        pipeline.delete(keys.result(rid))
+        pipeline.zrem(keys.SCHEDULE, rid)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from faults.harness import (
     DEADLINE_VARIABLE,
     budget,
@@ -19,8 +18,6 @@ from faults.harness import (
 from support import closed, wait_for
 
 from worker import keys
-
-pytestmark = pytest.mark.faults
 
 A = "openapitest"
 MARGIN = 0.03  # the worker plans this far below the budget (FISCAL_RATE_LIMIT_MARGIN)

@@ -8,11 +8,8 @@ import json
 import math
 import time
 
-import pytest
 from faults.harness import budget, fiscalised_count, wide_budget
 from support import closed, run_cli, wait_for
-
-pytestmark = pytest.mark.faults
 
 A, C = "openapitest", "brand2"
 

@@ -14,8 +14,6 @@ from support import closed, wait_for
 
 from worker import keys
 
-pytestmark = pytest.mark.faults
-
 A = "openapitest"
 MIB = 1024 * 1024
 

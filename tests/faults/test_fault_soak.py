@@ -19,7 +19,7 @@ from faults.ledger import FISCALISED
 from integration.conftest import BRANDS
 from support import closed, write_credentials
 
-pytestmark = [pytest.mark.faults, pytest.mark.soak]
+pytestmark = pytest.mark.soak
 
 A, C, B3, B4 = "openapitest", "brand2", "brand3", "brand4"
 MORE_BRANDS = {

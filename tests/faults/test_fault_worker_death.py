@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
 from faults.harness import (
     DEADLINE_VARIABLE,
     LEASE_VARIABLES,
@@ -19,8 +18,6 @@ from faults.harness import (
 from support import closed, wait_for
 
 from worker import keys
-
-pytestmark = pytest.mark.faults
 
 A = "openapitest"
 RECOVERY_TIMEOUT_SECONDS = 60  # with default settings (measured ~125 s before heartbeat leases)

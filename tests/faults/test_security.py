@@ -21,8 +21,6 @@ from support import REDIS_PASSWORD, closed, dlq_entries, run_cli, wait_for, xadd
 
 from worker import keys
 
-pytestmark = pytest.mark.faults
-
 A, C = "openapitest", "brand2"
 RID = re.compile(r"^[0-9]+-[0-9]+$")  # a stream entry id: what a task carries
 

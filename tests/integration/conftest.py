@@ -19,7 +19,6 @@ BRANDS = {
 }
 INTEGRATOR = "fake-integrator"
 
-pytestmark = pytest.mark.integration
 
 # Short windows and leases so every outcome is reached within seconds.
 FAST = {

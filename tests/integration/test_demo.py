@@ -12,12 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from support import ROOT, wait_for
 
 from worker.testing import clean_env
-
-pytestmark = pytest.mark.integration
 
 DEMO_TIMEOUT = 120
 EXPECTED_REASONS = ("invalid_message", "unknown_brand", "fiscal_id_conflict", "receipt_not_found")

@@ -1,5 +1,5 @@
-"""`celery -A worker.app flower` works (contract §1), behind basic auth, and shows our tasks
-with their states and without secrets."""
+"""`celery -A worker.app flower` works (docs/interface.md, Install and run), behind basic
+auth, and shows our tasks with their states and without secrets."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def consumer(server: RedisServer) -> tuple[IngestConsumer, list, redis.Redis]:
     text = server.client()
     published: list = []
     c = IngestConsumer(
-        raw_redis=server.client(decode=False),
+        redis_client=server.client(decode=False),
         stream=STREAM,
         consumer="test-consumer",
         store=ResultStore(text, rate=RatePolicy()),

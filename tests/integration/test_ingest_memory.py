@@ -19,8 +19,6 @@ from worker.ingest import MAX_DELIVERIES, IngestConsumer
 from worker.ratelimit import RatePolicy
 from worker.store import ResultStore
 
-pytestmark = pytest.mark.integration
-
 STREAM = "fiscal:results"
 MIB = 1024 * 1024
 POLICY = RatePolicy(limit=100_000, window=60, margin=0, lead=60)  # every result has a slot now
@@ -42,7 +40,7 @@ def make_consumer(
     server: RedisServer, text: redis.Redis, published: list[Any], name: str = "c1", **kw: Any
 ) -> IngestConsumer:
     consumer = IngestConsumer(
-        raw_redis=server.client(decode=False),
+        redis_client=server.client(decode=False),
         stream=STREAM,
         consumer=name,
         store=ResultStore(text, rate=POLICY),

@@ -1,5 +1,6 @@
-"""Contract §4 end to end: a real redis-server, real `celery worker` processes, the fake
-Clopos API over HTTP. One test per row of the table and per failure class."""
+"""The outcome table (docs/interface.md) end to end: a real redis-server, real `celery worker`
+processes, the fake Clopos API over HTTP. One test per row of the table and per failure
+class."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def only_dlq(r, reason: str) -> dict:
     return entries[0]
 
 
-# --- the table of contract §4 ------------------------------------------------------------------
+# --- the outcome table of docs/interface.md ---------------------------------------------
 def test_closed_without_fiscal_id_gets_both_fields(r, fake, start_worker):
     fake.add_receipt(B, closed(1))
     start_worker()

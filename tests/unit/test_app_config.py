@@ -75,18 +75,3 @@ with app.connection_for_read() as conn:
         "type": "application/json",
         "registered": True,
     }
-
-
-def test_the_worker_package_never_imports_the_tasks_package():
-    import ast
-
-    offenders = []
-    for path in (ROOT / "worker").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tasks"]
-    assert offenders == []

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import fakeredis
 import pytest
 from support import Clock
 
 from worker.breaker import CircuitBreaker, FailedCallGuard
 
 
-@pytest.fixture
-def r():
-    return fakeredis.FakeRedis(decode_responses=True)
-
-
 def breaker(r, clock):
     return CircuitBreaker(r, threshold=3, cooldown=5, max_cooldown=20, clock=clock)
 
 
-def test_opens_after_threshold_consecutive_failures(r):
-    clock = Clock()
+def test_opens_after_threshold_consecutive_failures(r, clock):
     b = breaker(r, clock)
     assert [b.record("c", ok=False).change for _ in range(3)] == ["", "", "opened"]
     permit = b.allow("c")
@@ -36,8 +29,7 @@ def test_success_resets_the_count(r):
     assert b.allow("c").allowed
 
 
-def test_single_probe_after_cooldown_then_close(r):
-    clock = Clock()
+def test_single_probe_after_cooldown_then_close(r, clock):
     b = breaker(r, clock)
     for _ in range(3):
         b.record("c", ok=False)
@@ -49,8 +41,7 @@ def test_single_probe_after_cooldown_then_close(r):
     assert b.allow("c").allowed and not b.allow("c").probe
 
 
-def test_failed_probe_reopens_with_a_growing_cooldown(r):
-    clock = Clock()
+def test_failed_probe_reopens_with_a_growing_cooldown(r, clock):
     b = breaker(r, clock)
     for _ in range(3):
         b.record("c", ok=False)
@@ -63,8 +54,7 @@ def test_failed_probe_reopens_with_a_growing_cooldown(r):
     assert cooldowns == [10, 20, 20, 20]
 
 
-def test_failures_of_calls_in_flight_do_not_extend_an_open_circuit(r):
-    clock = Clock()
+def test_failures_of_calls_in_flight_do_not_extend_an_open_circuit(r, clock):
     b = breaker(r, clock)
     for _ in range(3):
         b.record("c", ok=False)

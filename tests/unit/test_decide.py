@@ -1,4 +1,4 @@
-"""decide(): every row of contract §4's table, with plain values."""
+"""decide(): every row of the outcome table (docs/interface.md), with plain values."""
 
 import pytest
 

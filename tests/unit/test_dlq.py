@@ -1,4 +1,4 @@
-"""The dead-letter store (contract §5), on fakeredis."""
+"""The dead-letter store (docs/interface.md, Dead-letter store and CLI), on fakeredis."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_entry_has_the_contract_fields(store: DeadLetterStore) -> None:
         first_seen=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
         last_seen="2024-05-01T16:05:00+04:00",
         http_status=400,
-        result_id="res-1",
+        rid="res-1",
     )
     assert entry_id == "dl-1"
     entry = store.get(entry_id)
@@ -263,7 +263,7 @@ def test_add_on_a_callers_pipeline(store: DeadLetterStore, redis: fakeredis.Fake
     redis.zadd(keys.SCHEDULE, {"res-1": 1})
     with redis.pipeline(transaction=True) as pipe:
         pipe.multi()
-        entry_id = add(store, pipeline=pipe, result_id="res-1")
+        entry_id = add(store, pipeline=pipe, rid="res-1")
         pipe.zrem(keys.SCHEDULE, "res-1")
         assert store.get(entry_id) is None  # nothing visible before EXEC
         assert redis.zcard(keys.DLQ_INDEX) == 0
@@ -392,7 +392,7 @@ def test_bytes_counter_follows_adds_and_every_removal(
     assert store.stats()["bytes"] == 0
     for i in range(9):
         add(store, reason="auth_failed" if i % 3 else "receipt_not_found", payload="é" * (i * 40))
-    add(store, payload=GOOD_PAYLOAD, result_id="1700000000000-0")
+    add(store, payload=GOOD_PAYLOAD, rid="1700000000000-0")
     assert store.stats()["bytes"] == stored_bytes(redis) > 0
     assert_consistent(store, redis)
     store.remove("dl-2")
@@ -445,12 +445,12 @@ def test_two_mib_payload_is_stored_truncated_and_its_size_counted(
 def test_add_twice_for_one_result_id_makes_one_entry(
     store: DeadLetterStore, redis: fakeredis.FakeRedis
 ) -> None:
-    first = add(store, result_id="1700000000000-0")
-    second = add(store, reason="auth_failed", result_id="1700000000000-0")
+    first = add(store, rid="1700000000000-0")
+    second = add(store, reason="auth_failed", rid="1700000000000-0")
     assert second == first
     assert store.count() == 1
     assert store.get(first)["reason"] == "unknown_brand"  # type: ignore[index]
-    other = add(store, result_id="1700000000000-1")
+    other = add(store, rid="1700000000000-1")
     assert other != first and store.count() == 2
     assert_consistent(store, redis)
 
@@ -462,14 +462,14 @@ def test_add_twice_on_pipelines_for_one_result_id_makes_one_entry(
     for _ in range(2):
         with redis.pipeline(transaction=True) as pipe:
             pipe.multi()
-            ids.append(add(store, pipeline=pipe, result_id="res-1"))
+            ids.append(add(store, pipeline=pipe, rid="res-1"))
             pipe.hincrby(keys.COUNTERS, "dead_lettered", 1)
             pipe.execute()
     assert ids[0] == ids[1]
     assert store.count() == 1
     assert redis.hget(keys.COUNTERS, "dead_lettered") == "2"  # the caller's own writes ran
     assert_consistent(store, redis)
-    assert add(store, result_id="res-1") == ids[0]  # and a direct add agrees
+    assert add(store, rid="res-1") == ids[0]  # and a direct add agrees
     assert store.count() == 1
 
 
@@ -478,8 +478,8 @@ def test_two_adds_queued_in_one_multi_make_one_entry(
 ) -> None:
     with redis.pipeline(transaction=True) as pipe:
         pipe.multi()
-        first = add(store, pipeline=pipe, result_id="res-1")
-        second = add(store, reason="auth_failed", pipeline=pipe, result_id="res-1")
+        first = add(store, pipeline=pipe, rid="res-1")
+        second = add(store, reason="auth_failed", pipeline=pipe, rid="res-1")
         pipe.execute()
     assert second == first
     assert [e["id"] for e in store.list()] == [first]
@@ -491,8 +491,8 @@ def test_a_race_between_pipelines_makes_one_entry(
 ) -> None:
     # Both check before either commits (two processes): the script decides at EXEC.
     with redis.pipeline(transaction=True) as one, redis.pipeline(transaction=True) as two:
-        first = add(store, pipeline=one, result_id="res-1")
-        second = add(store, pipeline=two, result_id="res-1", reason="auth_failed")
+        first = add(store, pipeline=one, rid="res-1")
+        second = add(store, pipeline=two, rid="res-1", reason="auth_failed")
         assert first != second
         one.execute()
         two.execute()
@@ -505,9 +505,9 @@ def test_a_discarded_pipeline_does_not_hide_a_later_add(
     store: DeadLetterStore, redis: fakeredis.FakeRedis
 ) -> None:
     pipe = redis.pipeline(transaction=True)
-    add(store, pipeline=pipe, result_id="res-1")
+    add(store, pipeline=pipe, rid="res-1")
     pipe.reset()  # the caller gave up: nothing was written
-    entry_id = add(store, pipeline=pipe, result_id="res-1")
+    entry_id = add(store, pipeline=pipe, rid="res-1")
     pipe.execute()
     assert [e["id"] for e in store.list()] == [entry_id]
 
@@ -516,7 +516,7 @@ def test_a_discarded_pipeline_does_not_hide_a_later_add(
 def test_after_its_entry_leaves_a_result_id_can_be_dead_lettered_again(
     store: DeadLetterStore, redis: fakeredis.FakeRedis, way_out: str
 ) -> None:
-    first = add(store, payload=GOOD_PAYLOAD, result_id="res-1")
+    first = add(store, payload=GOOD_PAYLOAD, rid="res-1")
     if way_out == "remove":
         assert store.remove(first) is not None
     elif way_out == "purge":
@@ -524,11 +524,11 @@ def test_after_its_entry_leaves_a_result_id_can_be_dead_lettered_again(
     else:
         assert store.replay(first, stream="s") is not None
     assert redis.exists(keys.dlq_by_result("res-1")) == 0
-    second = add(store, result_id="res-1")
+    second = add(store, rid="res-1")
     assert second != first
     assert [e["id"] for e in store.list()] == [second]
     with redis.pipeline(transaction=True) as pipe:
-        assert add(store, pipeline=pipe, result_id="res-1") == second
+        assert add(store, pipeline=pipe, rid="res-1") == second
         pipe.execute()
     assert_consistent(store, redis)
 
@@ -538,13 +538,13 @@ def test_a_stale_by_result_key_does_not_block_a_dead_letter(
 ) -> None:
     redis.set(keys.dlq_by_result("res-1"), "dl-99")  # names no entry in the store
     with redis.pipeline(transaction=True) as pipe:
-        entry_id = add(store, pipeline=pipe, result_id="res-1")
+        entry_id = add(store, pipeline=pipe, rid="res-1")
         pipe.execute()
     assert entry_id != "dl-99" and store.get(entry_id) is not None
     redis.set(keys.dlq_by_result("res-2"), "dl-99")
-    other = add(store, result_id="res-2")
+    other = add(store, rid="res-2")
     assert other not in ("dl-99", entry_id) and store.get(other) is not None
-    assert add(store, result_id="res-2") == other
+    assert add(store, rid="res-2") == other
     assert store.count() == 2
     assert_consistent(store, redis)
 
@@ -563,10 +563,10 @@ HOSTILE_RESULT_IDS = [
 def test_hostile_result_id_works_and_builds_no_key_with_it(
     store: DeadLetterStore, redis: fakeredis.FakeRedis, result_id: str
 ) -> None:
-    first = add(store, payload=GOOD_PAYLOAD, result_id=result_id)
-    assert add(store, result_id=result_id) == first
+    first = add(store, payload=GOOD_PAYLOAD, rid=result_id)
+    assert add(store, rid=result_id) == first
     with redis.pipeline(transaction=True) as pipe:
-        assert add(store, pipeline=pipe, result_id=result_id) == first
+        assert add(store, pipeline=pipe, rid=result_id) == first
         pipe.execute()
     assert store.count() == 1
     assert store.get(first)["result_id"] == result_id  # type: ignore[index]

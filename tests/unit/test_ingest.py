@@ -122,7 +122,7 @@ class Rig:
 
     def consumer(self, name: str = "c1", **overrides: Any) -> IngestConsumer:
         options: dict[str, Any] = {
-            "raw_redis": self.raw,
+            "redis_client": self.raw,
             "stream": STREAM,
             "consumer": name,
             "store": self.store,

@@ -1,4 +1,4 @@
-"""The ingest format (contract §3): FiscalResult rules, parse_entry, submit."""
+"""The ingest format (docs/interface.md, Ingest): FiscalResult rules, parse_entry, submit."""
 
 from __future__ import annotations
 

@@ -12,13 +12,7 @@ from worker.errors import RateLimitInfo
 from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
 
 
-@pytest.fixture
-def r():
-    return fakeredis.FakeRedis(decode_responses=True)
-
-
-def test_reservations_are_spaced_by_the_interval(r):
-    clock = Clock()
+def test_reservations_are_spaced_by_the_interval(r, clock):
     budget = BrandBudget(r, RatePolicy(limit=300, window=60, margin=0.03), clock=clock)
     starts = [budget.reserve("b", n=2, max_wait=1e9) for _ in range(5)]
     step = 60 / 291  # floor(300 * 0.97)
@@ -33,8 +27,7 @@ def test_small_budgets_keep_one_call_spare(r):
     assert budget.reserve("b").step == pytest.approx(5 / 19, abs=1e-6)
 
 
-def test_a_reservation_too_far_away_takes_nothing(r):
-    clock = Clock()
+def test_a_reservation_too_far_away_takes_nothing(r, clock):
     budget = BrandBudget(r, RatePolicy(limit=10, window=10, margin=0), clock=clock)
     for _ in range(10):
         budget.reserve("b", max_wait=1e9)
@@ -44,16 +37,14 @@ def test_a_reservation_too_far_away_takes_nothing(r):
     assert again.start == pytest.approx(far.start)  # the refused one did not move the TAT
 
 
-def test_brands_have_separate_budgets(r):
-    clock = Clock()
+def test_brands_have_separate_budgets(r, clock):
     budget = BrandBudget(r, RatePolicy(limit=10, window=10), clock=clock)
     for _ in range(50):
         budget.reserve("a", max_wait=1e9)
     assert budget.reserve("b").start == pytest.approx(clock.now)
 
 
-def test_pause_moves_every_next_slot_after_it(r):
-    clock = Clock()
+def test_pause_moves_every_next_slot_after_it(r, clock):
     budget = BrandBudget(r, RatePolicy(limit=300, window=60), clock=clock)
     budget.pause("b", 7)
     assert budget.paused_until("b") == pytest.approx(clock.now + 7)
@@ -62,8 +53,7 @@ def test_pause_moves_every_next_slot_after_it(r):
     assert budget.paused_until("b") is None
 
 
-def test_take_keeps_one_call_spare_in_the_window(r):
-    clock = Clock()
+def test_take_keeps_one_call_spare_in_the_window(r, clock):
     budget = BrandBudget(r, RatePolicy(limit=5, window=10), clock=clock)
     assert [budget.take("b", clock.now) for _ in range(4)] == [None] * 4
     blocked = budget.take("b", clock.now)
@@ -72,8 +62,7 @@ def test_take_keeps_one_call_spare_in_the_window(r):
     assert budget.take("b", clock.now) is None
 
 
-def test_others_use_lowers_capacity_and_the_window_guard(r):
-    clock = Clock()
+def test_others_use_lowers_capacity_and_the_window_guard(r, clock):
     budget = BrandBudget(r, RatePolicy(limit=20, window=5, margin=0), clock=clock)
     budget.take("b", clock.now)
     # The server says 9 left: 20 - 9 - 1 (ours) = 10 used by another client.
@@ -84,8 +73,7 @@ def test_others_use_lowers_capacity_and_the_window_guard(r):
     assert taken[:8] == [None] * 8 and taken[8] is not None  # 1 + 8 + 10 others = 19
 
 
-def test_auth_budget_allows_a_burst_then_paces(r):
-    clock = Clock()
+def test_auth_budget_allows_a_burst_then_paces(r, clock):
     auth = AuthBudget(r, per_minute=30, burst=3, clock=clock)
     goes = [auth.reserve(max_wait=100) for _ in range(5)]
     assert all(g.ok for g in goes)
@@ -94,7 +82,6 @@ def test_auth_budget_allows_a_burst_then_paces(r):
 
 
 def test_results_under_way_go_ahead_of_the_queue_but_at_the_brand_pace():
-    import fakeredis
     from support import Clock
 
     from worker import keys

@@ -3,7 +3,6 @@ numbers, and what admission reserves in the brand's budget, or does not."""
 
 from __future__ import annotations
 
-import fakeredis
 import pytest
 
 from worker import keys
@@ -12,11 +11,6 @@ from worker.store import ResultStore
 
 NOW = 1_000_000.0
 POLICY = RatePolicy(limit=60, window=60, margin=0, lead=1.0)  # cap 59: one slot per ~1.017 s
-
-
-@pytest.fixture
-def r():
-    return fakeredis.FakeRedis(decode_responses=True)
 
 
 @pytest.fixture
@@ -96,7 +90,7 @@ def test_begin_runs_only_the_current_dispatch(r, store):
     assert store.begin("r1", claimed.dispatch - 1, NOW) == "stale"
     assert r.zscore(keys.SCHEDULE, "r1") == pytest.approx(NOW + 60)  # run lease
     pipe = r.pipeline()
-    store.forget("r1", pipe)
+    store.forget("r1", pipeline=pipe)
     pipe.execute()
     assert store.begin("r1", claimed.dispatch, NOW) == "gone"
 
@@ -215,7 +209,7 @@ def test_a_fenced_write_of_a_superseded_run_writes_nothing(r, store):
     record = begun(store)
     r.hincrby(keys.result("r1"), "dispatch", 1)  # its lease lapsed; published again
     with pytest.raises(Superseded), store.fenced(record) as pipe:
-        store.park(record, NOW + 10, pipe)
+        store.park(record, NOW + 10, pipeline=pipe)
     assert r.hget(keys.result("r1"), "state") == "running"
 
 
@@ -224,10 +218,10 @@ def test_a_fenced_write_never_recreates_a_finished_record(r, store):
 
     record = begun(store)
     pipe = r.pipeline()
-    store.forget("r1", pipe)
+    store.forget("r1", pipeline=pipe)
     pipe.execute()
     with pytest.raises(Superseded), store.fenced(record) as pipe:
-        store.park(record, NOW + 10, pipe)
+        store.park(record, NOW + 10, pipeline=pipe)
     assert not r.exists(keys.result("r1")) and r.zscore(keys.SCHEDULE, "r1") is None
 
 
@@ -237,7 +231,7 @@ def test_a_fenced_write_raced_by_a_new_dispatch_is_aborted(r, store):
     record = begun(store)
     with pytest.raises(Superseded), store.fenced(record) as pipe:
         r.hincrby(keys.result("r1"), "dispatch", 1)  # another process, between WATCH and EXEC
-        store.park(record, NOW + 10, pipe)
+        store.park(record, NOW + 10, pipeline=pipe)
     assert r.hget(keys.result("r1"), "state") == "running"
 
 

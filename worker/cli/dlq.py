@@ -23,7 +23,7 @@ from worker.cli._root import (
     json_option,
 )
 from worker.dlq import REASONS, DeadLetterStore, ReplayError
-from worker.settings import BRAND_PATTERN
+from worker.ingest_format import BRAND_PATTERN
 
 ERROR_COLUMN_CHARS = 60  # `dlq list` shortens errors to this
 

@@ -19,7 +19,7 @@ from worker.cli._root import (
     cli,
     json_option,
 )
-from worker.settings import BRAND_PATTERN
+from worker.ingest_format import BRAND_PATTERN
 
 
 def _check_receipt_brand(ctx: click.Context, param: click.Parameter, value: str) -> str:

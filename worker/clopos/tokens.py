@@ -30,6 +30,7 @@ import redis
 
 from worker import keys, scripts
 from worker.clopos.auth import Token
+from worker.clopos.wire import CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS
 from worker.errors import AuthError, Deferred, TransientError
 from worker.logs import kv, register_secret
 from worker.ratelimit import AUTH_MAX_WAIT_SECONDS, AuthBudget
@@ -65,7 +66,7 @@ class TokenProvider:
         authenticate: Callable[[str], Token],
         *,
         auth_budget: AuthBudget | None = None,
-        lock_seconds: float = refresh_lock_seconds(5.0, 12.0),
+        lock_seconds: float = refresh_lock_seconds(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS),
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:

@@ -24,6 +24,8 @@ from worker.errors import (
     TransientError,
 )
 
+READ_TIMEOUT_SECONDS = 12.0  # above the API's 8 s upstream limit, so its 504 reaches us first
+CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_RETRY_AFTER = 1.0  # seconds to wait on a 429 that names no reset time
 AUTH_ERROR_CODES = frozenset({"authentication_failed", "unauthorized", "forbidden"})
 
@@ -114,8 +116,8 @@ class Wire:
         base_url: str,
         *,
         http: httpx.Client | None = None,
-        timeout: float = 12.0,
-        connect_timeout: float = 5.0,
+        timeout: float = READ_TIMEOUT_SECONDS,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = http or httpx.Client(

@@ -9,7 +9,7 @@ reachable over `/_fake/...`.
     model.py  the state and behaviour (brands, receipts, tokens, limits, faults, stats);
               the choices where the real API is silent, and the seed format
     app.py    the Starlette app: these routes over a model
-    serve.py  running it: `FakeClopos` (a model served from a thread), `serve()`
+    serving.py running it: `FakeClopos` (a model served from a thread), `serve()`
 
 Routes (the base URL returned by `start()` is the API root):
     POST  /v2/auth                      token for (client_id, client_secret, brand, integrator_id)
@@ -31,6 +31,6 @@ Routes (the base URL returned by `start()` is the API root):
 from __future__ import annotations
 
 from worker.fake_clopos.model import CloposModel, default_seed
-from worker.fake_clopos.serve import FakeClopos, serve
+from worker.fake_clopos.serving import FakeClopos, serve
 
 __all__ = ["CloposModel", "FakeClopos", "default_seed", "serve"]

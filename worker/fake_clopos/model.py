@@ -1,6 +1,6 @@
 """The fake Clopos API's state and behaviour, without HTTP: brands, receipts, tokens, the
 rate limits, the injected faults and the statistics. `app.py` puts it on the wire,
-`serve.py` runs it; the package docstring lists the routes.
+`serving.py` runs it; the package docstring lists the routes.
 
 Choices where the real API is silent:
 - A non-integer receipt id answers 404 not_found (after the token and the budget checks).
