@@ -21,6 +21,7 @@ from celery import Task
 from celery.exceptions import Retry
 
 from worker.app import TASK_NAME, app
+from worker.ingest_format import to_rfc3339
 from worker.logs import kv
 from worker.pipeline import Kind
 from worker.runtime import get_runtime
@@ -63,7 +64,5 @@ def fiscalise(
         raise DeadLettered(f"{outcome.reason} dlq_id={outcome.dlq_id}: {outcome.detail}")
     if outcome.kind is Kind.PARKED and outcome.due is not None:
         when = datetime.fromtimestamp(outcome.due, UTC)
-        raise Retry(
-            f"parked until {when.isoformat(timespec='seconds')}: {outcome.detail}", when=when
-        )
+        raise Retry(f"parked until {to_rfc3339(outcome.due)}: {outcome.detail}", when=when)
     return f"{outcome.kind.value}: {outcome.detail}" if outcome.detail else outcome.kind.value

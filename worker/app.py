@@ -118,6 +118,7 @@ def publish(rid: str, dispatch: int, brand: str, receipt_id: str) -> None:
         kwargs={"brand": brand, "receipt_id": int(receipt_id) if receipt_id.isdigit() else None},
         task_id=rid,
         queue=QUEUE,
+        ignore_result=True,  # as the app's task_ignore_result: outcomes live in Redis
     )
 
 

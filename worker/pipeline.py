@@ -77,7 +77,7 @@ class _Run:
 
 
 class _RunGate:
-    """The client's CallGate for one run (worker/clopos.py calls it around each request)."""
+    """The client's CallGate for one run (worker/clopos/client.py calls it around each request)."""
 
     def __init__(self, fiscaliser: Fiscaliser, run: _Run) -> None:
         self.fiscaliser = fiscaliser

@@ -33,7 +33,7 @@ INJECTION = [
     "<script>alert(1)</script>",
     "%s%s%n",
     "redis.call('FLUSHALL')",
-    "fw:token:openapitest",
+    "fw:{b:openapitest}:token",  # a key name of ours
     "\x1b[31mred\x1b[0m",
     "openapitest\x00",
 ]

@@ -57,6 +57,7 @@ with app.connection_for_read() as conn:
     import tasks.fiscalise
     print(json.dumps({
         "name": message.headers["task"], "id": message.headers["id"],
+        "ignore_result": message.headers["ignore_result"],
         "body": message.decode()[:2], "type": message.content_type,
         "registered": tasks.fiscalise.fiscalise.name == TASK_NAME,
     }))
@@ -71,6 +72,7 @@ with app.connection_for_read() as conn:
     assert sent == {
         "name": "fiscal.fiscalise",
         "id": "1700000000000-0",
+        "ignore_result": True,
         "body": [["1700000000000-0", 3], {"brand": "openapitest", "receipt_id": 42}],
         "type": "application/json",
         "registered": True,

@@ -90,3 +90,17 @@ def test_a_result_published_twice_runs_once_the_older_dispatch_is_stale():
     bench.run()
     assert bench.fiscaliser.run(*old).kind == "gone"  # the old message arrives at last
     assert bench.api.patches(4) == [{"fiscal_id": "F-4", "lock": True}]
+
+
+def test_a_record_without_a_brand_is_dead_lettered_and_does_not_stop_admission():
+    bench = Burst()
+    bench.add_receipt(5)
+    damaged = bench.send(6, "F-6")
+    bench.r.hset(keys.result(damaged), "brand", "")  # damaged in Redis, not by ingest
+    bench.send(5, "F-5")
+
+    bench.run()
+
+    assert bench.api.patches(5) == [{"fiscal_id": "F-5", "lock": True}]
+    assert [d["result_id"] for d in bench.dead_letters()] == [damaged]
+    assert bench.unfinished() == 0

@@ -24,7 +24,8 @@
 -- KEYS: [1] schedule, then per candidate, in ARGV's order:
 --         read with a brand: 7 keys: result hash, fiscalised marker, rate tat, rate front,
 --           rate pause, rate others, breaker hash (of its brand and receipt)
---         read without one (no record): 1 key: result hash
+--         read without one (no record, or a damaged one with an empty brand): 1 key:
+--           result hash; such a record, if it exists, is published at once
 -- ARGV: [1] mode ('due' | 'ids'), [2] now, [3] lease-until (of a queued result),
 --       [4] budget limit, [5] window, [6] margin, [7] lead, [8] calls per result,
 --       [9] orphan recheck (s), [10] breaker state field, [11] breaker until field,
@@ -86,7 +87,9 @@ for i = 13, #ARGV, 3 do
     if deadline and now >= deadline then
       slot = now
     elseif not slot then
-      if redis.call('EXISTS', k.marker) == 1 then
+      if k == nil then
+        slot = now  -- a record without a brand (damaged): its task dead-letters it
+      elseif redis.call('EXISTS', k.marker) == 1 then
         slot = now
       else
         local hold = held_until(k, rid)
