@@ -15,7 +15,6 @@ import redis
 
 from worker import keys
 from worker.testing import (  # noqa: F401  # re-exported: the tests import them from here
-    WorkerProcess,
     free_port,
     processes,
     wait_for,

@@ -278,19 +278,18 @@ class ResultStore:
 
     def admit_due(self, now: float, limit: int) -> Admission:
         """Admit up to `limit` due results (the dispatcher's pass)."""
-        return self._run_admit("due", now, limit, [])
+        found = self.redis.zrangebyscore(keys.SCHEDULE, "-inf", repr(now), start=0, num=limit)
+        return self._run_admit("due", now, [_text(rid) for rid in found])
 
     def admit(self, rids: list[str], now: float) -> Admission:
         """Admit these just-created results (the ingest consumer's fast path)."""
-        return self._run_admit("ids", now, len(rids), rids) if rids else Admission([], 0)
+        return self._run_admit("ids", now, rids)
 
-    def _run_admit(self, mode: str, now: float, limit: int, rids: list[str]) -> Admission:
-        """Admission in two steps: read the candidates (mode 'due': the schedule's entries
-        due by `now`) and their brands and receipts, then store_admit re-checks each one and
-        admits it atomically, with the keys of its brand and receipt passed in KEYS."""
-        if mode == "due":
-            found = self.redis.zrangebyscore(keys.SCHEDULE, "-inf", repr(now), start=0, num=limit)
-            rids = [_text(rid) for rid in found]
+    def _run_admit(self, mode: str, now: float, rids: list[str]) -> Admission:
+        """Admission in two steps: the caller read the candidates (mode 'due': the
+        schedule's entries due by `now`; 'ids': results just created); here their brands
+        and receipts are read, then store_admit re-checks each one and admits it atomically,
+        with the keys of its brand and receipt passed in KEYS."""
         if not rids:
             return Admission([], 0)
         with self.redis.pipeline(transaction=False) as pipe:

@@ -24,7 +24,6 @@ import redis
 from worker import keys
 from worker.ingest_format import BRAND_PATTERN
 
-OLD_PREFIX = "fw"
 SCAN_COUNT = 1_000
 
 
@@ -101,7 +100,7 @@ def new_name(old: str) -> str | None:
     """The current name of a key of the old layout; None if `old` is not one."""
     prefix, _, rest = old.partition(":")
     kind, _, tail = rest.partition(":")
-    if prefix != OLD_PREFIX or kind not in OLD_KINDS or not tail:
+    if prefix != keys.PREFIX or kind not in OLD_KINDS or not tail:
         return None
     parts = tail.split(":")
     if not BRAND_PATTERN.fullmatch(parts[0]):
@@ -110,10 +109,13 @@ def new_name(old: str) -> str | None:
 
 
 def old_keys(redis_client: redis.Redis) -> Iterator[tuple[str, str]]:
-    """(kind, old key) of every key of the old layout in Redis (a SCAN per kind)."""
-    for kind in OLD_KINDS:
-        for key in redis_client.scan_iter(match=f"{OLD_PREFIX}:{kind}:*", count=SCAN_COUNT):
-            yield kind, key.decode() if isinstance(key, bytes) else key
+    """(kind, old key) of every key of the old layout in Redis: one SCAN of our prefix (a
+    MATCH walks the whole keyspace anyway), keeping the kinds the old layout had."""
+    for raw in redis_client.scan_iter(match=f"{keys.PREFIX}:*", count=SCAN_COUNT):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        kind = key.split(":", 2)[1]
+        if kind in OLD_KINDS:
+            yield kind, key
 
 
 def migrate_keys(redis_client: redis.Redis, *, dry_run: bool = False) -> Migration:

@@ -16,9 +16,6 @@ from faults.ledger import Ledger
 # The integration fixtures: a private redis-server (AOF, password), the fake API, the
 # workers' environment and `start_worker`. Imported, so pytest registers them here too.
 from integration.conftest import (  # noqa: F401
-    BRANDS,
-    FAST,
-    INTEGRATOR,
     env,
     fake,
     r,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from support import closed
 
 from worker.testing import RedisServer, WorkerProcess, wait_for
 
@@ -44,6 +45,19 @@ def budget(fake: Any, requests: int, window: float) -> dict[str, str]:
 def wide_budget(fake: Any) -> dict[str, str]:
     """A budget no case reaches unless it means to: 1200 calls a minute per brand."""
     return budget(fake, 1200, 60.0)
+
+
+def two_workers_on_a_slow_api(
+    fake: Any, start_worker: Any, brand: str, receipts: Iterable[int], latency: float
+) -> tuple[Any, Any]:
+    """Closed receipts `receipts` of `brand` on a fake whose GET and PATCH take `latency`
+    seconds, and two workers (w1, w2) of 4 processes each with a budget no case reaches."""
+    for rid in receipts:
+        fake.add_receipt(brand, closed(rid))
+    fake.set_latency(latency, method="GET")
+    fake.set_latency(latency, method="PATCH")
+    wide = wide_budget(fake)
+    return start_worker("w1", concurrency=4, **wide), start_worker("w2", concurrency=4, **wide)
 
 
 def until(deadline: float) -> None:
@@ -96,7 +110,7 @@ def tree_rss(worker: WorkerProcess) -> dict[str, float]:
 
 
 def alive(worker: WorkerProcess) -> bool:
-    return worker.process is not None and worker.process.poll() is None
+    return worker.alive()
 
 
 def task_events(log: str) -> dict[str, str]:

@@ -9,7 +9,13 @@ import time
 
 import pytest
 import redis
-from faults.harness import alive, fiscalised_count, until, wide_budget
+from faults.harness import (
+    alive,
+    fiscalised_count,
+    two_workers_on_a_slow_api,
+    until,
+    wide_budget,
+)
 from support import closed, wait_for
 
 from worker import keys
@@ -29,13 +35,7 @@ def patched_after(fake, brand: str, receipts, moment: float) -> bool:
 
 def test_fault_03_redis_restarted_mid_run(r, redis_server, fake, start_worker, ledger):
     receipts = range(1, 81)
-    for rid in receipts:
-        fake.add_receipt(A, closed(rid))
-    fake.set_latency(0.2, method="GET")
-    fake.set_latency(0.2, method="PATCH")
-    wide = wide_budget(fake)
-    w1 = start_worker("w1", concurrency=4, **wide)
-    w2 = start_worker("w2", concurrency=4, **wide)
+    w1, w2 = two_workers_on_a_slow_api(fake, start_worker, A, receipts, latency=0.2)
     for rid in range(1, 51):
         ledger.send(r, A, rid, f"F-{rid}")
     wait_for(lambda: fiscalised_count(fake, A, receipts) >= 10, timeout=30, what="10 landed")
@@ -57,13 +57,7 @@ def test_fault_03_redis_restarted_mid_run(r, redis_server, fake, start_worker, l
 
 def test_fault_04_redis_unreachable_for_10s(r, redis_server, fake, start_worker, ledger):
     receipts = range(1, 141)
-    for rid in receipts:
-        fake.add_receipt(A, closed(rid))
-    fake.set_latency(0.3, method="GET")
-    fake.set_latency(0.3, method="PATCH")
-    wide = wide_budget(fake)
-    w1 = start_worker("w1", concurrency=4, **wide)
-    w2 = start_worker("w2", concurrency=4, **wide)
+    w1, w2 = two_workers_on_a_slow_api(fake, start_worker, A, receipts, latency=0.3)
     for rid in range(1, 121):
         ledger.send(r, A, rid, f"F-{rid}")
     wait_for(lambda: fiscalised_count(fake, A, receipts) >= 8, timeout=30, what="8 landed")

@@ -13,6 +13,7 @@ from faults.harness import (
     fiscalised_count,
     held_by,
     lines_about,
+    two_workers_on_a_slow_api,
     wide_budget,
 )
 from support import closed, wait_for
@@ -41,13 +42,7 @@ def two_busy_workers(r, fake, ledger, start_worker, *, results: int, latency: fl
     """Two workers on a slow fake and `results` results; once w1 holds several unfinished
     ones (and some have landed), returns w1 and what it holds."""
     receipts = range(1, results + 1)
-    for rid in receipts:
-        fake.add_receipt(A, closed(rid))
-    fake.set_latency(latency, method="GET")
-    fake.set_latency(latency, method="PATCH")
-    wide = wide_budget(fake)
-    w1 = start_worker("w1", concurrency=4, **wide)
-    start_worker("w2", concurrency=4, **wide)
+    w1, _ = two_workers_on_a_slow_api(fake, start_worker, A, receipts, latency)
     for rid in receipts:
         ledger.send(r, A, rid, f"F-{rid}")
     wait_for(

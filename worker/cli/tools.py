@@ -21,14 +21,17 @@ DEMO_EXTRA_PACKAGES = ("starlette", "uvicorn", "fakeredis")
 
 
 @contextlib.contextmanager
-def _needs_demo_extra(what: str) -> Iterator[None]:
-    """A missing package of the [demo] extra becomes one line on stderr and exit 1.
+def _needs_demo_extra(what: str, module: str) -> Iterator[None]:
+    """A missing package of the [demo] extra, or `module` (the tool) missing from this build,
+    becomes one line on stderr and exit 1.
 
     Any other missing module is a bug, not an install choice: it is raised as it is.
     """
     try:
         yield
     except ModuleNotFoundError as exc:
+        if exc.name == module:
+            _fail(f"{module} is not installed in this build")
         if (exc.name or "").partition(".")[0] not in DEMO_EXTRA_PACKAGES:
             raise
         _fail(
@@ -59,13 +62,9 @@ def fake_clopos(
     latency: float | None,
 ) -> None:
     """Run a fake Clopos API (for the demo and tests)."""
-    with _needs_demo_extra("fake-clopos"):
-        try:
-            from worker.fake_clopos import serve
-        except ModuleNotFoundError as exc:
-            if exc.name != "worker.fake_clopos":
-                raise
-            _fail("worker.fake_clopos is not installed in this build")
+    with _needs_demo_extra("fake-clopos", "worker.fake_clopos"):
+        from worker.fake_clopos import serve
+
         options = {
             "token_lifetime": token_lifetime,
             "rate_limit": rate_limit,
@@ -103,12 +102,8 @@ def fake_clopos(
 )
 def demo(keep: bool, redis_mode: str, results: int) -> None:
     """Run the whole system on this machine against a fake Clopos API (< 60 s)."""
-    with _needs_demo_extra("the demo"):
-        try:
-            from worker.demo import run_demo
-        except ModuleNotFoundError as exc:
-            if exc.name != "worker.demo":
-                raise
-            _fail("worker.demo is not installed in this build")
+    with _needs_demo_extra("the demo", "worker.demo"):
+        from worker.demo import run_demo
+
         code = run_demo(keep=keep, redis=redis_mode, results=results)
     sys.exit(code)

@@ -61,6 +61,7 @@ from worker.testing import (
     StartError,
     WorkerProcess,
     clean_env,
+    ping,
     start_fake_clopos,
     worker_env,
     write_credentials,
@@ -126,14 +127,6 @@ class RedisServerProcess(RedisServer):
             raise DemoError("redis-server did not start", _tail(self.log_path)) from None
 
 
-def _ping(url: str) -> bool:
-    try:
-        with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 class FakeRedisServer:
     """fakeredis's TCP server in a thread, for machines without redis-server.
 
@@ -174,7 +167,7 @@ class FakeRedisServer:
         port = server.server_address[1]
         self.url = f"redis://:{self.password}@127.0.0.1:{port}/0"
         deadline = time.monotonic() + REDIS_START_TIMEOUT
-        while not _ping(self.url):
+        while not ping(self.url):
             if time.monotonic() > deadline:
                 raise DemoError("fakeredis's TCP server did not answer")
             time.sleep(0.05)

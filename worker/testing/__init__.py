@@ -14,6 +14,7 @@ from worker.testing.processes import (
     StartError,
     WorkerProcess,
     free_port,
+    ping,
     start_fake_clopos,
 )
 from worker.testing.wait import wait_for
@@ -24,6 +25,7 @@ __all__ = [
     "WorkerProcess",
     "clean_env",
     "free_port",
+    "ping",
     "start_fake_clopos",
     "wait_for",
     "worker_env",

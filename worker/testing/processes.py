@@ -49,6 +49,15 @@ def free_port() -> int:
 # --- redis-server ----------------------------------------------------------------------
 
 
+def ping(url: str) -> bool:
+    """Whether a Redis answers PING at `url` within a second."""
+    try:
+        with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
 class RedisServer:
     """A private redis-server on 127.0.0.1 and a free port; config, data and log in `directory`.
 
@@ -111,11 +120,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=decode, **options)
 
     def ping(self) -> bool:
-        try:
-            with self.client(socket_timeout=1, socket_connect_timeout=1) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return ping(self.url)
 
     def config(self, binary: str) -> dict[str, str]:
         """The redis.conf directives (name -> value)."""
