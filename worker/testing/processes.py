@@ -120,7 +120,12 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=decode, **options)
 
     def ping(self) -> bool:
-        return ping(self.url)
+        """PING through `client()`, so a subclass's connection options (TLS) apply."""
+        try:
+            with self.client(socket_timeout=1, socket_connect_timeout=1) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
 
     def config(self, binary: str) -> dict[str, str]:
         """The redis.conf directives (name -> value)."""
