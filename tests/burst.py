@@ -44,6 +44,7 @@ from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
 from worker.store import ResultStore
+from worker.telemetry import Telemetry
 
 BRAND = "b1"
 STREAM = "fiscal:results"
@@ -156,6 +157,7 @@ class Burst:
         wire = Wire(
             "https://clopos.test/open-api",
             http=httpx.Client(transport=httpx.MockTransport(self.api.handle)),
+            on_answer=Telemetry(self.r).api_answer,  # as worker/runtime.py wires it
         )
         auth = AuthCaller(wire, integrator_id="integrator", credentials=credentials)
         tokens = TokenProvider(

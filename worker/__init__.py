@@ -12,8 +12,9 @@ The core, in the order a result travels (flat modules):
 
 The policies it obeys: retry (backoff, windows), ratelimit (the shared per-brand budget),
 breaker (circuit per brand, failed-call guard), idempotency (receipt lock, fiscalised marker).
-What operators read: dlq (the dead-letter store), audit (per-receipt record), status, metrics;
-upgrade moves the keys of an older version's layout.
+What operators read: dlq (the dead-letter store), audit (per-receipt record), status, metrics
+(the exporter; every process counts into Redis through telemetry), health (the liveness and
+readiness probe); upgrade moves the keys of an older version's layout.
 The frame: app (the Celery app, `worker.app:app`), service (ingest, dispatch and heartbeat
 threads beside the pool), runtime (per-process objects), settings, keys (every Redis key),
 scripts/ (every Lua script), errors, logs, redis_conn. The task is `tasks/fiscalise.py`.

@@ -34,6 +34,7 @@ VISIBILITY_TIMEOUT_SECONDS = 3600
 TASK_SOFT_TIME_LIMIT_SECONDS = 150
 TASK_TIME_LIMIT_SECONDS = 180
 MAX_TASKS_PER_CHILD = 200  # bounds a child to ~+30 MiB
+CONSUMER_PULSE_SECONDS = 5.0  # Celery's event loop marks its progress (worker/health.py)
 
 try:
     _settings = get_settings()
@@ -99,6 +100,7 @@ class FiscalWorkerStep(bootsteps.StartStopStep):
         from worker.service import WorkerService
 
         self.service = WorkerService(get_runtime(), publish, QUEUE, held=held_results)
+        parent.fiscal_service = self.service  # for ConsumerPulse
         self.service.start()
 
     def stop(self, parent: Any) -> None:
@@ -106,7 +108,35 @@ class FiscalWorkerStep(bootsteps.StartStopStep):
             self.service.stop()
 
 
+class ConsumerPulse(bootsteps.StartStopStep):
+    """Marks the progress of Celery's event loop (the consumer that takes tasks off the
+    queue) for the liveness probe: a timer of that loop, so a hung loop stops marking."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer: Any = None
+
+    def start(self, c: Any) -> None:
+        service = getattr(c.controller, "fiscal_service", None)
+        if service is None:
+            return
+        service.pulse.mark("consumer")
+        self.timer = c.timer.call_repeatedly(
+            CONSUMER_PULSE_SECONDS, service.pulse.mark, ("consumer",)
+        )
+
+    def stop(self, c: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    shutdown = stop
+
+
 app.steps["worker"].add(FiscalWorkerStep)
+app.steps["consumer"].add(ConsumerPulse)
 
 
 def publish(rid: str, dispatch: int, brand: str, receipt_id: str) -> None:

@@ -106,17 +106,29 @@ class CircuitBreaker:
         self.redis.delete(keys.breaker_probe(brand))
 
     def state(self, brand: str) -> dict[str, object]:
-        raw = self.redis.hgetall(keys.breaker(brand))
-        if not raw or raw.get(keys.BREAKER_STATE) != keys.BREAKER_OPEN:
-            failures = int(raw.get(keys.BREAKER_FAILURES, 0)) if raw else 0
-            return {"state": "closed", "failures": failures}
-        until = float(raw[keys.BREAKER_UNTIL])
-        return {
-            "state": "open" if until > self.clock() else "half_open",
-            "failures": int(raw.get(keys.BREAKER_FAILURES, 0)),
-            "cooldown_seconds": float(raw.get(keys.BREAKER_COOLDOWN, 0)),
-            "opens_again_in_seconds": round(max(0.0, until - self.clock()), 3),
-        }
+        return self.states([brand])[brand]
+
+    def states(self, brands: list[str]) -> dict[str, dict[str, object]]:
+        """`state` of many brands in one round trip (a scrape reads every brand)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for brand in brands:
+            pipe.hgetall(keys.breaker(brand))
+        replies = pipe.execute() if brands else []
+        now = self.clock()
+        return {brand: _state(raw, now) for brand, raw in zip(brands, replies, strict=True)}
+
+
+def _state(raw: dict[str, str], now: float) -> dict[str, object]:
+    if not raw or raw.get(keys.BREAKER_STATE) != keys.BREAKER_OPEN:
+        failures = int(raw.get(keys.BREAKER_FAILURES, 0)) if raw else 0
+        return {"state": "closed", "failures": failures}
+    until = float(raw.get(keys.BREAKER_UNTIL, 0))  # none (damaged): half-open, it probes
+    return {
+        "state": "open" if until > now else "half_open",
+        "failures": int(raw.get(keys.BREAKER_FAILURES, 0)),
+        "cooldown_seconds": float(raw.get(keys.BREAKER_COOLDOWN, 0)),
+        "opens_again_in_seconds": round(max(0.0, until - now), 3),
+    }
 
 
 class FailedCallGuard:

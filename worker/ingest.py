@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import keys, scripts
+from worker import keys, scripts, telemetry
 from worker.audit import AuditTrail
 from worker.dispatcher import Publish
 from worker.dlq import DeadLetterStore, Reason
@@ -313,7 +313,7 @@ class IngestConsumer:
         pipe = self.store.redis.pipeline(transaction=True)
         for entry in recorded:
             self._ack(entry.entry_id, pipe)
-        pipe.hincrby(keys.COUNTERS, "received", len(recorded))
+        pipe.hincrby(keys.COUNTERS, telemetry.RECEIVED, len(recorded))
         try:
             pipe.execute()
         except _UNREACHABLE:
@@ -447,7 +447,7 @@ class IngestConsumer:
             rid=entry.entry_id,
             pipeline=pipe,
         )
-        pipe.hincrby(keys.COUNTERS, "dead_lettered:invalid_message", 1)
+        pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(Reason.INVALID_MESSAGE), 1)
         self._ack(entry.entry_id, pipe)  # dead-lettered and acknowledged together, or neither
         pipe.execute()
         log.warning(kv(event, rid=entry.entry_id, dlq_id=dlq_id, error=error[:200]))

@@ -25,7 +25,7 @@ chance):
                                             per brand, fw:dlq:brand:<brand>, kept with the
                                             others: the DLQ scripts change them together),
                                             counts and size
-    fw:counters, fw:workers, fw:auth-rate, fw:failed-calls:<minute>
+    fw:counters, fw:latency, fw:workers, fw:brands, fw:auth-rate, fw:failed-calls:<minute>
     fiscal (and kombu's own keys)           the Celery queue
     the ingest stream                       a setting (default fiscal:results)
 
@@ -256,3 +256,13 @@ WORKERS = f"{PREFIX}:workers"
 
 # hash: name -> count; monotonic counters for the CLI, the demo and metrics (fixed names).
 COUNTERS = f"{PREFIX}:counters"
+
+# hash: "<since>:<bucket>" / "<since>:sum" -> value; the end-to-end latency
+# histogram (worker/telemetry.py). Fixed fields: bounded by the buckets.
+LATENCY = f"{PREFIX}:latency"
+
+# zset: brand -> the last time a worker that has its credentials beat (unix s). The brands
+# the exporter reports, without scanning the keyspace; bounded by the brands configured in
+# the last BRAND_REGISTRY_SECONDS (older ones are trimmed at each beat).
+BRANDS = f"{PREFIX}:brands"
+BRAND_REGISTRY_SECONDS = 7 * 86400

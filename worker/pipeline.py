@@ -18,6 +18,7 @@ The Celery task (tasks/fiscalise.py) is a thin shell that maps the Outcome to a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -27,7 +28,7 @@ from enum import StrEnum
 
 import redis
 
-from worker import keys
+from worker import keys, telemetry
 from worker.audit import AuditTrail
 from worker.breaker import CircuitBreaker, FailedCallGuard
 from worker.clopos.client import CloposClient
@@ -45,12 +46,13 @@ from worker.errors import (
     TransientError,
 )
 from worker.idempotency import IN_FLIGHT_SECONDS, FiscalisedMarkers, ReceiptLock
-from worker.ingest_format import to_rfc3339
+from worker.ingest_format import parse_rfc3339, to_rfc3339
 from worker.logs import kv
 from worker.ratelimit import BrandBudget
 from worker.retry import RetryPolicy
 from worker.settings import BrandCredentials
 from worker.store import Begin, Damaged, ResultRecord, ResultStore, Superseded
+from worker.telemetry import RetryClass, Since, Telemetry, Wait
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,7 @@ class Fiscaliser:
         self.guard = guard
         self.clock = clock
         self.sleep = sleep
+        self.telemetry = Telemetry(redis_client)
 
     # --- the path of one result -------------------------------------------------------------
     def run(self, rid: str, dispatch: int) -> Outcome:
@@ -184,7 +187,13 @@ class Fiscaliser:
         if not lock.acquire():
             record.deferrals += 1
             due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
-            return self._park(record, due, "receipt busy in another worker", counted=False)
+            return self._park(
+                record,
+                due,
+                "receipt busy in another worker",
+                RetryClass.RECEIPT_BUSY,
+                counted=False,
+            )
         run = _Run(record, lock)
         try:
             absorbed = self._check_marker(record)  # the holder before us may have finished it
@@ -224,7 +233,13 @@ class Fiscaliser:
                 if not run.lock.acquire():
                     due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
                     record = run.record
-                    return self._park(record, due, "receipt lock lost to another", counted=False)
+                    return self._park(
+                        record,
+                        due,
+                        "receipt lock lost to another",
+                        RetryClass.RECEIPT_BUSY,
+                        counted=False,
+                    )
                 log.warning(
                     kv(
                         "receipt_lock_regained",
@@ -333,11 +348,13 @@ class Fiscaliser:
         if not self.store.renew(record, self.clock() + seconds):
             raise Superseded
         self.sleep(seconds)
+        self.telemetry.count(telemetry.wait(Wait.SLEPT), float(seconds))
 
     def _after_call(self, run: _Run, rate: RateLimitInfo, exc: CloposError | None) -> None:
         """What one call tells the brand's budget (the server's view of the window) and its
-        circuit: 5xx, timeouts and rejected auth fail it; an answer about the receipt (even
-        404 or 400) shows the API works; a 429 is neither."""
+        circuit: 5xx, timeouts and an auth-class answer to a receipt call fail it; an answer
+        about the receipt (even 404 or 400) shows the API works; a 429 and a rejected
+        /v2/auth are neither."""
         if isinstance(exc, RateLimitedError):
             return  # its Remaining (0) describes the pause, not others' use: see _failed
         if run.calls:
@@ -345,8 +362,12 @@ class Fiscaliser:
         # A rejected /v2/auth (or its remembered rejection) is not a failed receipt call: the
         # auth budget and the remembered rejection bound those, and the results must reach
         # auth_failed after their own bounded retries, not wait behind a cool-down.
-        rejected_auth = isinstance(exc, AuthError) and exc.call in (None, "auth")
-        failed = isinstance(exc, TransientError | AuthError) and not rejected_auth
+        # It says nothing about the receipt calls either: the circuit is left as it is (a
+        # probe that never reached a receipt call is let go for another).
+        if isinstance(exc, AuthError) and exc.call in (None, "auth"):
+            self._drop_probe(run)
+            return
+        failed = isinstance(exc, TransientError | AuthError)
         change = self.breaker.record(run.record.brand, ok=not failed, probe=run.probe)
         run.probe = False
         if change.change:
@@ -358,7 +379,7 @@ class Fiscaliser:
                     error=str(exc) if exc else None,
                 )
             )
-            self.redis.hincrby(keys.COUNTERS, "circuit_" + change.change, 1)
+            self.telemetry.count(telemetry.circuit(change.change))
 
     def _check_marker(self, record: ResultRecord) -> Outcome | None:
         marked = self.markers.get(record.brand, record.receipt_id)
@@ -379,7 +400,15 @@ class Fiscaliser:
             # A result under way (its PATCH was refused) keeps its place ahead of the queue.
             record.first = record.first or exc.call == "PATCH"
             due = self.clock() + self.policy.rate_limit_wait(exc.retry_after)
-            return self._park(record, due, str(exc), exc.http_status, counted=False)
+            return self._park(
+                record,
+                due,
+                str(exc),
+                RetryClass.RATE_LIMITED,
+                exc.http_status,
+                counted=False,
+                waited=(Wait.PAUSED, exc.retry_after),
+            )
         record.first = False  # a failure: its next try queues behind the brand's backlog
         if isinstance(exc, PermanentError):
             return self._dead_letter(record, Reason.VALIDATION_FAILED, str(exc), exc.http_status)
@@ -393,14 +422,14 @@ class Fiscaliser:
             # Not before the brand's remembered rejection lapses: each try then meets a real
             # /v2/auth answer (made by one process for all), so fixed credentials are seen.
             due = max(retry.due, self.clock() + FAILURE_MEMORY_SECONDS + random.uniform(0, 2))
-            return self._park(record, due, str(exc), exc.http_status)
+            return self._park(record, due, str(exc), RetryClass.AUTH, exc.http_status)
         now = self.clock()
         record.failures += 1
         record.transient_since = record.transient_since or now
         retry = self.policy.transient(record.failures, record.transient_since, now)
         if retry.due is None:
             return self._dead_letter(record, Reason.RETRIES_EXHAUSTED, str(exc), exc.http_status)
-        return self._park(record, retry.due, str(exc), exc.http_status)
+        return self._park(record, retry.due, str(exc), RetryClass.TRANSIENT, exc.http_status)
 
     def _deferred(self, record: ResultRecord, deferred: Deferred, *, under_way: bool) -> Outcome:
         """No call was allowed: wait, uncounted. A result under way (it made a call in this
@@ -417,10 +446,17 @@ class Fiscaliser:
                 return self._dead_letter(record, Reason.RETRIES_EXHAUSTED, error, status)
             # Spread the brand's waiting results over the cool-down, not all at its end.
             spread = max(1.0, deferred.until - now)
-            return self._park(
-                record, deferred.until + random.uniform(0, spread), deferred.why, counted=False
-            )
-        return self._park(record, max(deferred.until, now), deferred.why, counted=False)
+            due = deferred.until + random.uniform(0, spread)
+            return self._park(record, due, deferred.why, RetryClass.CIRCUIT_OPEN, counted=False)
+        due = max(deferred.until, now)
+        return self._park(
+            record,
+            due,
+            deferred.why,
+            RetryClass.BUDGET,
+            counted=False,
+            waited=(Wait.DEFERRED, due - now),
+        )
 
     def _not_ready(self, record: ResultRecord, exc: NotReadyError) -> Outcome:
         now = self.clock()
@@ -430,7 +466,7 @@ class Fiscaliser:
         record.not_found = exc.http_status == 404 or exc.error_code == "not_found"
         retry = self.policy.not_ready(record.failures, record.not_ready_since, now)
         if retry.due is not None:
-            return self._park(record, retry.due, exc.message, exc.http_status)
+            return self._park(record, retry.due, exc.message, RetryClass.NOT_READY, exc.http_status)
         reason = Reason.RECEIPT_NOT_FOUND if record.not_found else Reason.RECEIPT_NOT_CLOSED
         return self._dead_letter(record, reason, exc.message, exc.http_status)
 
@@ -440,16 +476,23 @@ class Fiscaliser:
         record: ResultRecord,
         due: float,
         error: str,
+        why: RetryClass,
         http_status: int | None = None,
         *,
         counted: bool = True,
+        waited: tuple[Wait, float] | None = None,
     ) -> Outcome:
+        """Back to the schedule until `due`; `counted`: a failed attempt (its error is kept
+        as the result's last); `waited`: rate-limit seconds this parking stands for."""
         if counted:
             record.last_error, record.last_status = error, http_status
         due = min(due, record.deadline)  # no wait outlives the result's deadline
         with self.store.fenced(record) as pipe:
             self.store.park(record, due, pipeline=pipe)
-            pipe.hincrby(keys.COUNTERS, "retries_scheduled", 1)
+            pipe.hincrby(keys.COUNTERS, telemetry.RETRIES_SCHEDULED, 1)
+            pipe.hincrby(keys.COUNTERS, telemetry.retry(why), 1)
+            if waited is not None and waited[1] > 0:
+                pipe.hincrbyfloat(keys.COUNTERS, telemetry.wait(waited[0]), round(waited[1], 6))
         log.info(
             kv(
                 "result_parked",
@@ -477,7 +520,8 @@ class Fiscaliser:
             self.store.forget(record.rid, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, kind.value, 1)
             if patched:
-                pipe.hincrby(keys.COUNTERS, "patches", 1)
+                pipe.hincrby(keys.COUNTERS, telemetry.PATCHES, 1)
+                self._observe_latency(record, pipe)
         log.info(
             kv(
                 f"result_{kind.value}",
@@ -519,7 +563,7 @@ class Fiscaliser:
                 pipeline=pipe,
             )
             self.store.forget(record.rid, pipeline=pipe)
-            pipe.hincrby(keys.COUNTERS, f"dead_lettered:{reason}", 1)
+            pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(reason), 1)
         log.warning(
             kv(
                 "result_dead_lettered",
@@ -546,9 +590,21 @@ class Fiscaliser:
                 pipeline=pipe,
             )
             self.store.forget(damaged.rid, pipeline=pipe)
-            pipe.hincrby(keys.COUNTERS, "dead_lettered:retries_exhausted", 1)
+            pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(Reason.RETRIES_EXHAUSTED), 1)
         log.error(kv("result_damaged", rid=damaged.rid, dlq_id=dlq_id, error=damaged.error))
         return Outcome(Kind.DEAD_LETTERED, error, reason=Reason.RETRIES_EXHAUSTED, dlq_id=dlq_id)
+
+    def _observe_latency(self, record: ResultRecord, pipe: redis.client.Pipeline) -> None:
+        """End to end, at the PATCH: from the stream entry (its id is its time in ms) and,
+        when the adapter sent it, from printed_at."""
+        now = self.clock()
+        with contextlib.suppress(ValueError):
+            telemetry.observe_latency(pipe, Since.STREAM, now - int(record.rid.split("-")[0]) / 1e3)
+        printed = record.result.get("printed_at")
+        if isinstance(printed, str):
+            with contextlib.suppress(ValueError):
+                printed_at = parse_rfc3339(printed).timestamp()
+                telemetry.observe_latency(pipe, Since.PRINTED, now - printed_at)
 
     def _attempt(self, record: ResultRecord, call: str, status: int | None, outcome: str) -> None:
         self.audit.record_attempt(

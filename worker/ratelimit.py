@@ -151,21 +151,30 @@ class BrandBudget:
 
     def snapshot(self, brand: str) -> dict[str, float | int | None]:
         """The brand's limiter state, for `fiscal-worker stats` and metrics."""
-        tat, pause, others = self.redis.mget(
-            keys.rate_tat(brand), keys.rate_pause(brand), keys.rate_others(brand)
-        )
+        return self.snapshots([brand])[brand]
+
+    def snapshots(self, brands: list[str]) -> dict[str, dict[str, float | int | None]]:
+        """`snapshot` of many brands in one round trip (a scrape reads every brand)."""
         now = self.clock()
-        calls = self.redis.zcount(keys.rate_calls(brand), now - self.policy.window, "+inf")
-        return {
-            "limit": self.policy.limit,
-            "window_seconds": self.policy.window,
-            "others_estimate": int(float(others)) if others else 0,
-            "calls_in_window": int(calls),
-            "backlog_seconds": round(max(0.0, float(tat) - now), 3) if tat else 0.0,
-            "paused_for_seconds": round(float(pause) - now, 3)
-            if pause and float(pause) > now
-            else None,
-        }
+        pipe = self.redis.pipeline(transaction=False)
+        for brand in brands:
+            pipe.mget(keys.rate_tat(brand), keys.rate_pause(brand), keys.rate_others(brand))
+            pipe.zcount(keys.rate_calls(brand), now - self.policy.window, "+inf")
+        replies = pipe.execute() if brands else []
+        found = {}
+        for index, brand in enumerate(brands):
+            (tat, pause, others), calls = replies[2 * index], replies[2 * index + 1]
+            found[brand] = {
+                "limit": self.policy.limit,
+                "window_seconds": self.policy.window,
+                "others_estimate": int(float(others)) if others else 0,
+                "calls_in_window": int(calls),
+                "backlog_seconds": round(max(0.0, float(tat) - now), 3) if tat else 0.0,
+                "paused_for_seconds": round(float(pause) - now, 3)
+                if pause and float(pause) > now
+                else None,
+            }
+        return found
 
 
 class AuthBudget:

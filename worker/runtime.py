@@ -26,6 +26,7 @@ from worker.redis_conn import redis_client
 from worker.retry import RetryPolicy
 from worker.settings import Settings, get_settings
 from worker.store import ResultStore
+from worker.telemetry import Telemetry
 
 
 @dataclass
@@ -51,6 +52,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.clopos_base_url,
         timeout=settings.http_timeout_seconds,
         connect_timeout=settings.http_connect_timeout_seconds,
+        on_answer=Telemetry(r).api_answer,
     )
     auth = AuthCaller(
         wire, integrator_id=settings.clopos_integrator_id or "", credentials=credentials

@@ -11,7 +11,8 @@ any error (Redis restarting, a bug on one entry): it logs, waits a moment and go
     heartbeat   every `worker_heartbeat_seconds`: keep the results this worker holds
                 (received, prefetched, running: Celery's reserved requests) leased for
                 `worker_lease_seconds`, so those of a worker that died are re-driven that
-                long after its last beat
+                long after its last beat; register its brands (the exporter's list); write
+                the health file, where every loop marks its progress (worker/health.py)
     sweep       a step of the unscheduled-records sweep every SWEEP_INTERVAL; every
                 POLICY_CHECK_INTERVAL, Redis' maxmemory-policy again
 
@@ -21,6 +22,7 @@ stream or due in the schedule, for this or another worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -32,6 +34,7 @@ import redis
 
 from worker import keys
 from worker.dispatcher import Dispatcher, Publish
+from worker.health import Pulse
 from worker.ingest import IngestConsumer
 from worker.logs import kv
 from worker.redis_conn import is_evicting, maxmemory_policy, redis_client
@@ -60,6 +63,8 @@ class WorkerService:
         self.stopping = threading.Event()
         self.queue_name = queue_name
         self.held = held or (lambda: [])
+        self.pulse = Pulse(settings.health_file, beat_seconds=settings.worker_heartbeat_seconds)
+        self.brands = sorted(runtime.fiscaliser.credentials)
         consumer = f"{socket.gethostname()}:{os.getpid()}"
 
         def queue_has_room() -> bool:
@@ -94,6 +99,7 @@ class WorkerService:
         return int(self.runtime.redis.llen(self.queue_name))
 
     def start(self) -> None:
+        self._guarded(self._write_health)  # the probes see a starting worker at once
         for thread in self.threads:
             thread.start()
         log.info(
@@ -106,6 +112,8 @@ class WorkerService:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.pulse.stop()  # the liveness probe lets the warm shutdown run
         for thread in self.threads:
             thread.join(timeout)
         log.info(kv("worker_service_stopped"))
@@ -115,6 +123,7 @@ class WorkerService:
         next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
         self._guarded(self.consumer.ensure_group)
         while not self.stopping.is_set():
+            self.pulse.mark("ingest")
             if time.monotonic() >= next_reclaim:
                 self._guarded(self.consumer.reclaim)
                 next_reclaim = time.monotonic() + RECLAIM_INTERVAL_SECONDS
@@ -129,12 +138,15 @@ class WorkerService:
     def _heartbeat_loop(self) -> None:
         # Alone in its thread: nothing slow may delay the beat past the lease.
         while not self.stopping.is_set():
+            self.pulse.mark("heartbeat")
             self._guarded(self.beat)
+            self._guarded(self._write_health)
             self.stopping.wait(self.runtime.settings.worker_heartbeat_seconds)
 
     def _sweep_loop(self) -> None:
         next_policy_check = time.monotonic() + POLICY_CHECK_INTERVAL_SECONDS
         while not self.stopping.is_set():
+            self.pulse.mark("sweep")
             self._guarded(self.dispatcher.sweep_unscheduled)
             if time.monotonic() >= next_policy_check:
                 self._guarded(self._check_policy)
@@ -151,8 +163,15 @@ class WorkerService:
         pipe = self.runtime.redis.pipeline(transaction=False)
         pipe.zadd(keys.WORKERS, {self.consumer.consumer: now})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - WORKER_FORGOTTEN_SECONDS)
+        if self.brands:  # the exporter's brand list (no keyspace scan on a scrape)
+            pipe.zadd(keys.BRANDS, dict.fromkeys(self.brands, now))
+        pipe.zremrangebyscore(keys.BRANDS, "-inf", now - keys.BRAND_REGISTRY_SECONDS)
         pipe.execute()
+        self.pulse.redis_answered()
         return renewed
+
+    def _write_health(self) -> None:
+        self.pulse.write()
 
     def _check_policy(self) -> None:
         policy = maxmemory_policy(self.runtime.redis)
@@ -161,6 +180,7 @@ class WorkerService:
 
     def _dispatch_loop(self) -> None:
         while not self.stopping.is_set():
+            self.pulse.mark("dispatch")
             published = self._guarded(self.dispatcher.run_once)
             if not published:
                 self.stopping.wait(DISPATCH_INTERVAL_SECONDS)

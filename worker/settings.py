@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker import breaker, dlq, idempotency, ingest, ratelimit, retry, store
+from worker import breaker, dlq, health, idempotency, ingest, ratelimit, retry, store
 from worker.clopos import wire
 from worker.ingest_format import BRAND_PATTERN
 from worker.logs import register_secret
@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # every heartbeat; those of a worker that died lapse `worker_lease` after its last one.
     worker_heartbeat_seconds: float = Field(10.0, gt=0)
     worker_lease_seconds: float = Field(store.HELD_LEASE_SECONDS, gt=0)
+    # Written by the worker's main process every heartbeat; read by the liveness and
+    # readiness probes (`python -m worker.health live|ready`, worker/health.py).
+    health_file: str = health.DEFAULT_FILE
     # Per-receipt lock (worker/idempotency.py): longer than a GET + auth + PATCH can take.
     receipt_lock_seconds: float = Field(idempotency.LOCK_SECONDS, gt=0)
     # Rate budget and circuit breaker (worker/ratelimit.py, worker/breaker.py).

@@ -1,7 +1,10 @@
 """What the deployment is doing, read from Redis: for `fiscal-worker stats` and the metrics.
 
-Everything here is read-only and cheap (a handful of commands per brand), so it can run on
-every Prometheus scrape. No secret is read: the token cache is not touched.
+Everything here is read-only and cheap, so it can run on every Prometheus scrape: one
+pipelined round trip for the deployment, a handful of commands per brand, and nothing that
+walks the keyspace (audit records and markers grow to millions of keys). The brands are the
+registry the workers keep (keys.BRANDS) plus the ones in this process's credentials. No
+secret is read: the token cache is not touched.
 """
 
 from __future__ import annotations
@@ -20,16 +23,12 @@ from worker.redis_conn import is_evicting, maxmemory_policy
 from worker.settings import Settings, SettingsError
 
 
-def known_brands(redis_client: redis.Redis, settings: Settings) -> list[str]:
-    """Brands with credentials, plus any brand with budget or breaker state in Redis."""
-    brands: set[str] = set()
+def known_brands(registered: list[str], settings: Settings) -> list[str]:
+    """The brands some worker had credentials for lately (the registry), plus this
+    process's own."""
+    brands = set(registered)
     with contextlib.suppress(SettingsError):  # stats work without credentials
         brands.update(settings.clopos_credentials())
-    for pattern in (keys.rate_tat("*"), keys.breaker("*")):
-        for key in redis_client.scan_iter(match=pattern, count=500):
-            brand = keys.brand_of(key)
-            if brand:
-                brands.add(brand)
     return sorted(brands)
 
 
@@ -57,31 +56,66 @@ def collect(redis_client: redis.Redis, settings: Settings) -> dict[str, Any]:
     )
     budget = BrandBudget(redis_client, policy)
     breaker = CircuitBreaker(redis_client)
+    stream = settings.ingest_stream
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.zcount(keys.WORKERS, now - settings.worker_lease_seconds, "+inf")
+    pipe.zrange(keys.WORKERS, -1, -1, withscores=True)  # the newest heartbeat
+    pipe.zcard(keys.SCHEDULE)
+    pipe.zcount(keys.SCHEDULE, "-inf", now)
+    pipe.zrange(keys.SCHEDULE, 0, 0, withscores=True)  # the earliest due
+    pipe.llen(keys.CELERY_QUEUE)
+    pipe.xlen(stream)
+    pipe.xrange(stream, count=1)  # the oldest entry not settled
+    pipe.hgetall(keys.COUNTERS)
+    pipe.hgetall(keys.LATENCY)
+    pipe.zrangebyscore(keys.BRANDS, now - keys.BRAND_REGISTRY_SECONDS, "+inf")
+    (alive, newest, unfinished, due, earliest, queued, length, oldest, counters, latency,
+     registered) = pipe.execute()  # fmt: skip
+    brands = known_brands([_text(b) for b in registered], settings)
+    budgets, circuits = budget.snapshots(brands), breaker.states(brands)
     try:
-        pending = redis_client.xpending(settings.ingest_stream, keys.INGEST_GROUP)
+        pending = redis_client.xpending(stream, keys.INGEST_GROUP)
         pending_entries = int(pending["pending"])
     except redis.ResponseError:
         pending_entries = 0  # no group yet: no worker has run
-    counters = {k: int(v) for k, v in redis_client.hgetall(keys.COUNTERS).items()}
     return {
         "redis": redis_state(redis_client),
         # alive: a heartbeat within the lease of the results a worker holds
-        "workers": int(
-            redis_client.zcount(keys.WORKERS, now - settings.worker_lease_seconds, "+inf")
-        ),
+        "workers": int(alive),
+        "newest_heartbeat_age": round(now - newest[0][1], 3) if newest else None,
         "results": {
-            "unfinished": int(redis_client.zcard(keys.SCHEDULE)),
-            "due": int(redis_client.zcount(keys.SCHEDULE, "-inf", now)),
-            "celery_queue": int(redis_client.llen(keys.CELERY_QUEUE)),
-            "stream_length": int(redis_client.xlen(settings.ingest_stream)),
+            "unfinished": int(unfinished),
+            "due": int(due),
+            # how long the earliest due result has waited past its time (0: none due)
+            "oldest_due_seconds": round(max(0.0, now - earliest[0][1]), 3) if earliest else 0.0,
+            "celery_queue": int(queued),
+            "stream_length": int(length),
             "stream_pending": pending_entries,
+            "ingest_lag_seconds": _entry_age(oldest, now),
         },
-        "counters": counters,
+        "counters": {_text(k): _number(v) for k, v in counters.items()},
+        "latency": {_text(k): float(v) for k, v in latency.items()},
         "dead_letters": DeadLetterStore(
             redis_client, warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
         ).stats(),
         "brands": {
-            brand: {"budget": budget.snapshot(brand), "breaker": breaker.state(brand)}
-            for brand in known_brands(redis_client, settings)
+            brand: {"budget": budgets[brand], "breaker": circuits[brand]} for brand in brands
         },
     }
+
+
+def _entry_age(entries: list[Any], now: float) -> float:
+    """Seconds since the oldest stream entry was added (its id is its time in ms); 0: none."""
+    if not entries:
+        return 0.0
+    millis = _text(entries[0][0]).split("-")[0]
+    return round(max(0.0, now - int(millis) / 1000), 3) if millis.isdigit() else 0.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _number(value: Any) -> float | int:
+    text = _text(value)
+    return int(text) if text.lstrip("-").isdigit() else float(text)

@@ -14,7 +14,8 @@ TOOLING = ("worker.cli", "worker.demo", "worker.fake_clopos", "worker.testing")
 DEMO_EXTRA = ("starlette", "uvicorn", "fakeredis")
 # What the Clopos family may use: the vocabulary and the plumbing, never the pipeline.
 CLOPOS_MAY_USE = ("worker.clopos", "worker.errors", "worker.logs", "worker.settings",
-                  "worker.keys", "worker.scripts", "worker.ratelimit")  # fmt: skip
+                  "worker.keys", "worker.scripts", "worker.ratelimit",
+                  "worker.telemetry")  # fmt: skip
 
 
 def module_name(path: Path) -> str:

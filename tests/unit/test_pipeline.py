@@ -283,3 +283,29 @@ def test_rejected_credentials_reach_auth_failed_after_bounded_retries_not_a_cool
     assert len(bench.dead_letters()) == 10
     assert bench.clock() - started < 300  # no doubling cool-downs in between
     assert sum(1 for c in bench.api.calls if c.method == "AUTH") <= 15
+
+
+def reject_auth(api, request, receipt_id):
+    if not receipt_id:
+        return httpx.Response(401, json={"success": False, "error": "authentication_failed"})
+    return None
+
+
+def test_a_rejected_auth_neither_clears_the_circuits_failures_nor_closes_it():
+    bench = Burst()
+    bench.api.hooks.append(reject_auth)
+    bench.add_receipt(31)
+    bench.r.hset(keys.breaker(BRAND), mapping={keys.BREAKER_FAILURES: "4"})
+    bench.send(31, "F-31")
+    bench.dispatcher.run_once()
+    assert bench.fiscaliser.run(*bench.queue.popleft()).kind == "parked"
+    assert bench.r.hget(keys.breaker(BRAND), keys.BREAKER_FAILURES) == "4"  # not reset
+
+    half_open = {"state": "open", "until": str(bench.clock() - 1), "cooldown": "5"}
+    bench.r.hset(keys.breaker(BRAND), mapping=half_open)
+    bench.clock.now += 120  # past the remembered rejection: a real /v2/auth again
+    bench.dispatcher.run_once()
+    assert bench.fiscaliser.run(*bench.queue.popleft()).kind == "parked"
+    assert bench.r.hget(keys.breaker(BRAND), keys.BREAKER_STATE) == "open"  # not closed
+    assert not bench.r.exists(keys.breaker_probe(BRAND))  # the probe is free for another
+    assert not any(c.method in ("GET", "PATCH") for c in bench.api.calls)

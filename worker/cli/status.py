@@ -32,8 +32,10 @@ def stats(as_json: bool) -> None:
     results = state["results"]
     console.print(
         f"results: {results['unfinished']} unfinished, {results['due']} due, "
-        f"{results['celery_queue']} in the Celery queue; stream: {results['stream_length']} "
-        f"entries, {results['stream_pending']} read and not settled"
+        f"{results['celery_queue']} in the Celery queue (oldest due for "
+        f"{results['oldest_due_seconds']:.0f}s); stream: {results['stream_length']} entries, "
+        f"{results['stream_pending']} read and not settled (oldest "
+        f"{results['ingest_lag_seconds']:.0f}s)"
     )
     counters = state["counters"]
     if counters:

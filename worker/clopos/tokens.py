@@ -28,12 +28,13 @@ from collections.abc import Callable
 
 import redis
 
-from worker import keys, scripts
+from worker import keys, scripts, telemetry
 from worker.clopos.auth import Token
 from worker.clopos.wire import CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS
 from worker.errors import AuthError, Deferred, TransientError
 from worker.logs import kv, register_secret
 from worker.ratelimit import AUTH_MAX_WAIT_SECONDS, AuthBudget
+from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,26 @@ class TokenProvider:
         try:
             token = self.authenticate(brand)
         except AuthError as exc:
-            self.redis.set(
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(
                 keys.token_auth_failure(brand),
                 str(exc)[:500],
                 px=int(FAILURE_MEMORY_SECONDS * 1000),
             )
+            pipe.hincrby(keys.COUNTERS, telemetry.token_refresh("rejected"), 1)
+            pipe.execute()
+            raise
+        except Exception:
+            Telemetry(self.redis).count(telemetry.token_refresh("failed"))
             raise
         ttl = token.expires_at - self.clock()
+        pipe = self.redis.pipeline(transaction=False)
         if ttl > 0:
             doc = {"token": token.value, "expires_at": token.expires_at, "lifetime": token.lifetime}
-            self.redis.set(keys.token(brand), json.dumps(doc), px=max(1, int(ttl * 1000)))
-            self.redis.delete(keys.token_auth_failure(brand))
+            pipe.set(keys.token(brand), json.dumps(doc), px=max(1, int(ttl * 1000)))
+            pipe.delete(keys.token_auth_failure(brand))
+        pipe.hincrby(keys.COUNTERS, telemetry.token_refresh("ok"), 1)
+        pipe.execute()
         log.info(kv("token_refreshed", brand=brand, lifetime=int(token.lifetime)))
         return token.value
 

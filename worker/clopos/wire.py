@@ -8,7 +8,7 @@ too. Network errors and timeouts come back as `TransientError`, never raised fro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +107,11 @@ def _classify_unsuccessful(code: str | None, message: str, err: dict[str, Any]) 
     return TransientError(message, **err)
 
 
+# Called after every request with (method, path, HTTP status or None: no answer, a timeout,
+# a lost connection), e.g. to count API calls; must not raise.
+AnswerHook = Callable[[str, str, int | None], None]
+
+
 class Wire:
     """Sends one request to the API root and classifies its answer; never raises for the
     network, never logs a body (it may carry a token)."""
@@ -118,8 +123,10 @@ class Wire:
         http: httpx.Client | None = None,
         timeout: float = READ_TIMEOUT_SECONDS,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+        on_answer: AnswerHook | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.on_answer = on_answer
         self.http = http or httpx.Client(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
@@ -136,6 +143,19 @@ class Wire:
         *,
         json: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+    ) -> ApiResponse | CloposError:
+        outcome = self._send(method, path, json, headers)
+        if self.on_answer is not None:
+            status = outcome.http_status if isinstance(outcome, CloposError) else outcome.status
+            self.on_answer(method, path, status)
+        return outcome
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None,
+        headers: dict[str, str] | None,
     ) -> ApiResponse | CloposError:
         try:
             response = self.http.request(method, self.base_url + path, json=json, headers=headers)

@@ -1,0 +1,131 @@
+"""The deployment's counters, written by every worker process into Redis, read by the exporter.
+
+Every figure lives in Redis, not in a process: prefork children, pods that come and go and a
+single exporter per deployment (worker/metrics.py) all see the same numbers, and a counter
+survives the restart of whatever incremented it. Writes ride in the pipeline of the step
+they count where there is one (a result's outcome, a parked retry), so most cost no extra
+round trip; a counter is never worth failing a result for, so a lone write that fails is
+logged and dropped (`Telemetry.count`).
+
+    keys.COUNTERS   one hash of counters, by field (the names below)
+    keys.LATENCY    the end-to-end latency histogram: per `since`, one field per bucket
+                    (not cumulative: the exporter sums them) and its sum
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from enum import StrEnum
+
+import redis
+
+from worker import keys
+from worker.logs import kv
+
+log = logging.getLogger(__name__)
+
+# Seconds; from a fiscal device printing to the PATCH: sub-second when all is well, hours
+# through an outage, at most the result's deadline (a day by default).
+LATENCY_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 14400, 86400)
+
+RECEIVED = "received"
+PATCHES = "patches"
+RETRIES_SCHEDULED = "retries_scheduled"
+
+
+class RetryClass(StrEnum):
+    """Why a result went back to the schedule (`fiscal_retries_total{error_class}`)."""
+
+    TRANSIENT = "transient"  # network, timeout, 5xx, an internal error
+    NOT_READY = "not_ready"  # receipt not closed yet, or not found yet
+    AUTH = "auth"  # /v2/auth refused the brand's credentials
+    RATE_LIMITED = "rate_limited"  # a 429
+    CIRCUIT_OPEN = "circuit_open"  # the brand's circuit did not let it call
+    BUDGET = "budget"  # its budget slot is later, the brand is paused, the failed-call guard
+    RECEIPT_BUSY = "receipt_busy"  # another worker holds the receipt
+
+
+class Wait(StrEnum):
+    """Rate-limit waits (`fiscal_rate_limit_wait_seconds_total{how}`)."""
+
+    SLEPT = "slept"  # a run slept for its slot
+    DEFERRED = "deferred"  # a result was parked for a later slot
+    PAUSED = "paused"  # a 429's Retry-After paused the brand
+
+
+class Since(StrEnum):
+    """Where the end-to-end latency starts (`fiscal_e2e_latency_seconds{since}`)."""
+
+    STREAM = "stream"  # the stream entry's time (its id)
+    PRINTED = "printed"  # the adapter's printed_at
+
+
+ENDPOINTS = {"GET": "get_receipt", "PATCH": "patch_receipt"}  # receipt calls by method
+
+
+def endpoint_of(method: str, path: str) -> str:
+    """`auth`, `get_receipt` or `patch_receipt` (a bounded label set, never a receipt id)."""
+    if path.endswith("/v2/auth"):
+        return "auth"
+    return ENDPOINTS.get(method, "other")
+
+
+# Field names in keys.COUNTERS. The exporter parses them back (worker/metrics.py).
+def api_call(endpoint: str, status: int | None) -> str:
+    return f"api:{endpoint}:{status if status is not None else 'none'}"
+
+
+def retry(error_class: RetryClass) -> str:
+    return f"retry:{error_class}"
+
+
+def dead_lettered(reason: str) -> str:
+    return f"dead_lettered:{reason}"
+
+
+def wait(how: Wait) -> str:
+    return f"ratelimit_wait:{how}"
+
+
+REFRESH_OUTCOMES = ("ok", "rejected", "failed")  # failed: network, 5xx, no usable token
+CIRCUIT_CHANGES = ("opened", "reopened", "closed")  # worker/breaker.py's transitions
+
+
+def token_refresh(outcome: str) -> str:
+    return f"token_refresh:{outcome}"
+
+
+def circuit(change: str) -> str:
+    return f"circuit_{change}"
+
+
+def bucket_of(seconds: float) -> int:
+    """The index of the first bucket whose bound holds `seconds`; len(LATENCY_BUCKETS): +Inf."""
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds)
+
+
+def observe_latency(pipe: redis.client.Pipeline, since: Since, seconds: float) -> None:
+    seconds = max(0.0, seconds)
+    pipe.hincrby(keys.LATENCY, f"{since}:{bucket_of(seconds)}", 1)
+    pipe.hincrbyfloat(keys.LATENCY, f"{since}:sum", round(seconds, 6))
+
+
+class Telemetry:
+    """Counters written on their own (no pipeline of a step to ride in)."""
+
+    def __init__(self, redis_client: redis.Redis) -> None:
+        self.redis = redis_client
+
+    def count(self, field: str, amount: float = 1) -> None:
+        try:
+            if isinstance(amount, int):
+                self.redis.hincrby(keys.COUNTERS, field, amount)
+            else:
+                self.redis.hincrbyfloat(keys.COUNTERS, field, round(amount, 6))
+        except redis.RedisError as exc:  # a lost count, not a lost result
+            log.warning(kv("counter_lost", field=field, error=exc.__class__.__name__))
+
+    def api_answer(self, method: str, path: str, status: int | None) -> None:
+        """The wire's hook: one answer (or none: a timeout, a lost connection) from Clopos."""
+        self.count(api_call(endpoint_of(method, path), status))
