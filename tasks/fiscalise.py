@@ -5,7 +5,8 @@ the result itself is read from Redis, so a task never carries a secret or a stal
 
 Task states, as Flower shows them:
   SUCCESS  fiscalised, already done, absorbed duplicate, or a stale/finished delivery
-  RETRY    parked in the schedule until its next try (no ETA message is held anywhere)
+  RETRY    parked in the schedule until its next try (no ETA message is held anywhere);
+           Parked (Flower's exception field) says until when and why
   FAILURE  dead-lettered: DeadLettered names the reason and the dead-letter id
 A Redis error mid-task is never a failed-and-acked task: the result's lease in Redis lapses
 and the dispatcher publishes it again (celery-pitfalls #3); the task shows RETRY.
@@ -33,6 +34,11 @@ class DeadLettered(Exception):
     """The result was moved to the dead-letter store; the task ends as FAILURE.
 
     One string argument ("<reason> dlq_id=<id>: <detail>"), so Celery can serialise it."""
+
+
+class Parked(Exception):
+    """Why a parked result waits: the exception of its Retry, which the task-retried event
+    carries, so Flower shows the reason ("parked until <time>: <detail>") and not "None"."""
 
 
 @app.task(
@@ -64,5 +70,6 @@ def fiscalise(
         raise DeadLettered(f"{outcome.reason} dlq_id={outcome.dlq_id}: {outcome.detail}")
     if outcome.kind is Kind.PARKED and outcome.due is not None:
         when = datetime.fromtimestamp(outcome.due, UTC)
-        raise Retry(f"parked until {to_rfc3339(outcome.due)}: {outcome.detail}", when=when)
+        why = f"parked until {to_rfc3339(outcome.due)}: {outcome.detail}"
+        raise Retry(why, Parked(why), when=when)
     return f"{outcome.kind.value}: {outcome.detail}" if outcome.detail else outcome.kind.value

@@ -218,7 +218,7 @@ def _counters(counters: dict[str, float]) -> Iterator[Metric]:
         "fiscal_rate_limit_wait_seconds", "Seconds waited for the rate budget", labels=["how"]
     )
     for how in telemetry.Wait:
-        waits.add_metric([how.value], counters.get(telemetry.wait(how), 0))
+        waits.add_metric([how.value], counters.get(telemetry.wait_ms(how), 0) / 1000)
     yield waits
     refreshes = CounterMetricFamily(
         "fiscal_token_refreshes", "Token refreshes (/v2/auth) by outcome", labels=["outcome"]
@@ -237,11 +237,14 @@ def _counters(counters: dict[str, float]) -> Iterator[Metric]:
         "Clopos API answers by endpoint and status",
         labels=["endpoint", "status"],
     )
-    for field, count in sorted(counters.items()):
+    answers = {(endpoint, "429"): 0.0 for endpoint in telemetry.ENDPOINT_NAMES}
+    for field, count in counters.items():  # a 429 series from zero: its first one counts
         kind, _, rest = field.partition(":")
         endpoint, _, status = rest.partition(":")
         if kind == "api" and endpoint and status:
-            calls.add_metric([endpoint, status], count)
+            answers[endpoint, status] = count
+    for (endpoint, status), count in sorted(answers.items()):
+        calls.add_metric([endpoint, status], count)
     yield calls
     events = CounterMetricFamily("fiscal_events", "Other pipeline events", labels=["event"])
     for event in OTHER_EVENTS:

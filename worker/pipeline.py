@@ -348,7 +348,7 @@ class Fiscaliser:
         if not self.store.renew(record, self.clock() + seconds):
             raise Superseded
         self.sleep(seconds)
-        self.telemetry.count(telemetry.wait(Wait.SLEPT), float(seconds))
+        self.telemetry.count(telemetry.wait_ms(Wait.SLEPT), telemetry.millis(seconds))
 
     def _after_call(self, run: _Run, rate: RateLimitInfo, exc: CloposError | None) -> None:
         """What one call tells the brand's budget (the server's view of the window) and its
@@ -492,7 +492,9 @@ class Fiscaliser:
             pipe.hincrby(keys.COUNTERS, telemetry.RETRIES_SCHEDULED, 1)
             pipe.hincrby(keys.COUNTERS, telemetry.retry(why), 1)
             if waited is not None and waited[1] > 0:
-                pipe.hincrbyfloat(keys.COUNTERS, telemetry.wait(waited[0]), round(waited[1], 6))
+                pipe.hincrby(
+                    keys.COUNTERS, telemetry.wait_ms(waited[0]), telemetry.millis(waited[1])
+                )
         log.info(
             kv(
                 "result_parked",

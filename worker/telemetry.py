@@ -7,7 +7,7 @@ they count where there is one (a result's outcome, a parked retry), so most cost
 round trip; a counter is never worth failing a result for, so a lone write that fails is
 logged and dropped (`Telemetry.count`).
 
-    keys.COUNTERS   one hash of counters, by field (the names below)
+    keys.COUNTERS   one hash of integer counters, by field (the names below; waits in ms)
     keys.LATENCY    the end-to-end latency histogram: per `since`, one field per bucket
                     (not cumulative: the exporter sums them) and its sum
 """
@@ -62,6 +62,7 @@ class Since(StrEnum):
 
 
 ENDPOINTS = {"GET": "get_receipt", "PATCH": "patch_receipt"}  # receipt calls by method
+ENDPOINT_NAMES = ("auth", "get_receipt", "patch_receipt")
 
 
 def endpoint_of(method: str, path: str) -> str:
@@ -84,8 +85,13 @@ def dead_lettered(reason: str) -> str:
     return f"dead_lettered:{reason}"
 
 
-def wait(how: Wait) -> str:
-    return f"ratelimit_wait:{how}"
+def wait_ms(how: Wait) -> str:
+    """Milliseconds, so every counter in the hash is an integer."""
+    return f"ratelimit_wait_ms:{how}"
+
+
+def millis(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
 
 
 REFRESH_OUTCOMES = ("ok", "rejected", "failed")  # failed: network, 5xx, no usable token
@@ -117,12 +123,9 @@ class Telemetry:
     def __init__(self, redis_client: redis.Redis) -> None:
         self.redis = redis_client
 
-    def count(self, field: str, amount: float = 1) -> None:
+    def count(self, field: str, amount: int = 1) -> None:
         try:
-            if isinstance(amount, int):
-                self.redis.hincrby(keys.COUNTERS, field, amount)
-            else:
-                self.redis.hincrbyfloat(keys.COUNTERS, field, round(amount, 6))
+            self.redis.hincrby(keys.COUNTERS, field, amount)
         except redis.RedisError as exc:  # a lost count, not a lost result
             log.warning(kv("counter_lost", field=field, error=exc.__class__.__name__))
 

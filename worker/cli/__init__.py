@@ -4,8 +4,8 @@ Exit status: 0 success, 1 failure (one line on stderr, never a traceback), 2 usa
 
 `_root` holds the root group and what all commands share (error handling, Redis, output);
 each other module adds one command group to it: `dlq`, `receipt`, `submit`, `status`
-(stats, metrics), `upgrade` (upgrade-keys) and `tools` (fake-clopos, demo: the development
-tools).
+(stats, metrics), `upgrade` (upgrade-keys) and `tools` (fake-clopos, demo, adapter-sim: the
+development tools).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Development tools: `fiscal-worker fake-clopos` and `fiscal-worker demo`.
+"""Development tools: `fiscal-worker fake-clopos`, `fiscal-worker demo` and
+`fiscal-worker adapter-sim`.
 
-Both are implemented elsewhere (`worker.fake_clopos`, `worker.demo`) and imported only when
+They are implemented elsewhere (`worker.fake_clopos`, `worker.demo`) and imported only when
 run: they need the `[demo]` extra (starlette, uvicorn, fakeredis), which a production install
 may leave out. Without it they fail with one line on stderr and exit 1, like every other
 expected failure of the command line.
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import click
 
-from worker.cli._root import _fail, cli
+from worker.cli._root import _fail, _redis, _settings, cli
 
 # The top-level packages of the [demo] extra.
 DEMO_EXTRA_PACKAGES = ("starlette", "uvicorn", "fakeredis")
@@ -107,3 +108,68 @@ def demo(keep: bool, redis_mode: str, results: int) -> None:
 
         code = run_demo(keep=keep, redis=redis_mode, results=results)
     sys.exit(code)
+
+
+@cli.command("adapter-sim")
+@click.option(
+    "--brand",
+    "brands",
+    multiple=True,
+    default=("openapitest",),
+    show_default=True,
+    help="Brand to send results for; repeat for several (taken in turn).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1, max=50),
+    default=1.0,
+    show_default=True,
+    help="Results per second.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    help="Stop after this many results (default: run until SIGTERM or Ctrl-C).",
+)
+@click.option(
+    "--fake-clopos",
+    "fake_url",
+    metavar="URL",
+    help="A fake Clopos API (fiscal-worker fake-clopos): create each closed receipt there first.",
+)
+@click.option(
+    "--start-id",
+    type=click.IntRange(min=1),
+    help="First receipt id (default: from the clock, so a restart never reuses one).",
+)
+def adapter_sim(
+    brands: tuple[str, ...],
+    rate: float,
+    count: int | None,
+    fake_url: str | None,
+    start_id: int | None,
+) -> None:
+    """Keep sending results to the ingest stream, as an adapter would (the compose demo)."""
+    with _needs_demo_extra("adapter-sim", "worker.demo.adapter"):
+        from worker.demo.adapter import AdapterSim, SimConfig, fake_client, run_until_signalled
+    from worker.ingest_format import BRAND_PATTERN
+    from worker.logs import configure_logging
+
+    for brand in brands:
+        if not BRAND_PATTERN.fullmatch(brand):
+            _fail(f"--brand {brand[:70]!r}: must be 1-64 characters of A-Za-z0-9_.-", code=2)
+    settings = _settings()
+    configure_logging(settings.log_level)
+    config = SimConfig(
+        brands=brands, rate=rate, count=count, start_id=start_id, stream=settings.ingest_stream
+    )
+    fake = fake_client(fake_url) if fake_url else None
+    try:
+        sim = AdapterSim(_redis(), config, fake=fake)
+        run_until_signalled(sim)
+    finally:
+        if fake is not None:
+            fake.close()
+    if sim.error:
+        _fail(sim.error)
+    click.echo(f"sent {sim.sent} results")
