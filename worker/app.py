@@ -9,7 +9,9 @@ Every setting below guards against one way Celery on Redis loses or doubles work
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import ssl
 import sys
 import time
@@ -205,6 +207,10 @@ def _check_worker_settings(**_: Any) -> None:
     except SettingsError as exc:
         print(f"fiscal-worker: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    # A health file left by the container before this one (a pod's /tmp outlives its
+    # restarts) must not pass this worker's probes: they wait for its own (worker/health.py).
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_settings.health_file)
     _check_redis_policy()
 
 

@@ -128,6 +128,8 @@ def _state(raw: dict[str, str], now: float) -> dict[str, object]:
         "failures": int(raw.get(keys.BREAKER_FAILURES, 0)),
         "cooldown_seconds": float(raw.get(keys.BREAKER_COOLDOWN, 0)),
         "opens_again_in_seconds": round(max(0.0, until - now), 3),
+        # half-open this long: no result of the brand has come to probe it
+        "half_open_for_seconds": round(max(0.0, now - until), 3),
     }
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import redis
 
-from worker import keys
+from worker import keys, telemetry
 from worker.dlq import DeadLetterStore, Reason
 from worker.logs import kv
 from worker.store import ResultStore
@@ -103,6 +103,7 @@ class Dispatcher:
                 )
                 pipe.zrem(keys.SCHEDULE, rid)
                 pipe.hincrby(keys.COUNTERS, "orphans", 1)
+                pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(Reason.RETRIES_EXHAUSTED), 1)
                 pipe.execute()
             except redis.WatchError:
                 return None

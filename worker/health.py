@@ -12,11 +12,12 @@ worker/app.py). The heartbeat loop writes every mark to the health file
                                     within that; or the worker is in its warm shutdown
                                     (up to STOPPING_SECONDS). `--within S` for another bound
     python -m worker.health ready   live, and Redis answered the heartbeat within
-                                    READY_REDIS_SECONDS
+                                    READY_REDIS_SECONDS (or three heartbeats, if longer)
 
 Exit 1 with one line saying which loop is stuck (or the file is missing, stale or
-unreadable). An iteration that failed (Redis down) still counts as progress: restarting a
-worker does not bring Redis back; readiness says Redis is unreachable.
+unreadable). An iteration that failed (Redis down) still counts as progress, and Celery's
+consumer is not judged while Redis does not answer (it waits in its reconnect loop):
+restarting a worker does not bring Redis back; readiness says Redis is unreachable.
 
 The probe imports nothing but the standard library: it runs every few seconds in the pod.
 """
@@ -112,13 +113,26 @@ def check(
         return "health file not written for too long: the heartbeat loop is stuck"
     marks = doc.get("marks") or {}
     started = doc.get("started") if isinstance(doc.get("started"), int | float) else written
+    redis_ok = doc.get("redis_ok")
+    if not isinstance(redis_ok, int | float):
+        redis_ok = None
     for loop in LOOPS:
         at = marks.get(loop, started)  # a loop not started yet has had since the start
-        if not isinstance(at, int | float) or now - at > bound:
-            return f"the {loop} loop made no progress for {now - float(at or 0):.0f}s"
+        if not isinstance(at, int | float):
+            return f"the {loop} loop has an unreadable mark"
+        if now - at <= bound:
+            continue
+        if loop == "consumer" and (redis_ok is None or redis_ok - at <= bound):
+            # Redis has not answered for long since Celery's consumer last moved: it waits
+            # in its reconnect loop, its timer cancelled. Waiting, not hanging (and a
+            # restart would not bring Redis back).
+            continue
+        return f"the {loop} loop made no progress for {now - at:.0f}s"
     if ready:
-        redis_ok = doc.get("redis_ok")
-        if not isinstance(redis_ok, int | float) or now - redis_ok > READY_REDIS_SECONDS:
+        redis_bound = READY_REDIS_SECONDS
+        if isinstance(beat, int | float):
+            redis_bound = max(READY_REDIS_SECONDS, 3 * beat)
+        if redis_ok is None or now - redis_ok > redis_bound:
             return "Redis has not answered the heartbeat lately"
     return None
 

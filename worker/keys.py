@@ -34,7 +34,7 @@ Cluster readiness, not Cluster support
 Single-slot scripts (one brand's keys, or one key): ratelimit_reserve, ratelimit_pause,
 ratelimit_take, ratelimit_observe, ratelimit_auth_reserve, breaker_allow, breaker_record,
 idempotency_acquire / _extend / _release / _hold_in_flight, audit_set_state,
-tokens_unlock, tokens_drop_if_current, ingest_read, ingest_prune.
+tokens_unlock, tokens_drop_if_current, ingest_read, ingest_prune, ingest_oldest_id.
 
 Scripts that cross slots (and so would not run on a Redis Cluster as they are):
     store_admit       the schedule, result records, and the rate, breaker and fiscalised

@@ -115,7 +115,7 @@ class RedisStateCollector(Collector):
         started = time.perf_counter()
         state = collect(self.redis, self.settings)
         took = time.perf_counter() - started
-        yield from _state_gauges(state)
+        yield from _state_gauges(state, self.settings)
         yield from _counters(state["counters"])
         yield from _latency(state["latency"])
         yield GaugeMetricFamily(
@@ -123,7 +123,19 @@ class RedisStateCollector(Collector):
         )
 
 
-def _state_gauges(state: dict[str, Any]) -> Iterator[Metric]:
+def _blocks_calls(breaker: dict[str, Any], settings: Settings) -> bool:
+    """Open, or half-open while its probe is still to come. The brand's waiting results are
+    spread over at most the longest cool-down, so a circuit half-open longer than that has
+    no result left to probe it: it blocks nothing (its next result probes at once)."""
+    if breaker["state"] == "open":
+        return True
+    half_open_for = breaker.get("half_open_for_seconds", 0.0)
+    return breaker["state"] == "half_open" and half_open_for <= (
+        settings.breaker_max_cooldown_seconds
+    )
+
+
+def _state_gauges(state: dict[str, Any], settings: Settings) -> Iterator[Metric]:
     results = state["results"]
     for name, key, text in RESULT_GAUGES:
         yield GaugeMetricFamily(name, text, value=results[key])
@@ -166,7 +178,9 @@ def _state_gauges(state: dict[str, Any]) -> Iterator[Metric]:
     )
     per_brand = {
         "circuit_open": GaugeMetricFamily(
-            "fiscal_brand_circuit_open", "1 while the circuit is open", labels=["brand"]
+            "fiscal_brand_circuit_open",
+            "1 while the circuit is open (or half-open, its probe to come)",
+            labels=["brand"],
         ),
         "backlog": GaugeMetricFamily(
             "fiscal_brand_backlog_seconds", "Budget reserved ahead", labels=["brand"]
@@ -181,7 +195,7 @@ def _state_gauges(state: dict[str, Any]) -> Iterator[Metric]:
     }
     for brand, info in state["brands"].items():
         budget, breaker = info["budget"], info["breaker"]
-        per_brand["circuit_open"].add_metric([brand], float(breaker["state"] != "closed"))
+        per_brand["circuit_open"].add_metric([brand], float(_blocks_calls(breaker, settings)))
         per_brand["backlog"].add_metric([brand], budget["backlog_seconds"])
         per_brand["paused"].add_metric([brand], float(budget["paused_for_seconds"] is not None))
         per_brand["others"].add_metric([brand], budget["others_estimate"])

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import keys, scripts
 from worker.breaker import CircuitBreaker
 from worker.dlq import DeadLetterStore
 from worker.ratelimit import BrandBudget, RatePolicy
@@ -65,12 +65,13 @@ def collect(redis_client: redis.Redis, settings: Settings) -> dict[str, Any]:
     pipe.zrange(keys.SCHEDULE, 0, 0, withscores=True)  # the earliest due
     pipe.llen(keys.CELERY_QUEUE)
     pipe.xlen(stream)
-    pipe.xrange(stream, count=1)  # the oldest entry not settled
     pipe.hgetall(keys.COUNTERS)
     pipe.hgetall(keys.LATENCY)
     pipe.zrangebyscore(keys.BRANDS, now - keys.BRAND_REGISTRY_SECONDS, "+inf")
-    (alive, newest, unfinished, due, earliest, queued, length, oldest, counters, latency,
-     registered) = pipe.execute()  # fmt: skip
+    oldest_id = redis_client.register_script(scripts.load("ingest_oldest_id"))
+    oldest_id(keys=[stream], client=pipe)  # the oldest entry not settled: its id only
+    (alive, newest, unfinished, due, earliest, queued, length, counters, latency, registered,
+     oldest) = pipe.execute()  # fmt: skip
     brands = known_brands([_text(b) for b in registered], settings)
     budgets, circuits = budget.snapshots(brands), breaker.states(brands)
     try:
@@ -104,11 +105,11 @@ def collect(redis_client: redis.Redis, settings: Settings) -> dict[str, Any]:
     }
 
 
-def _entry_age(entries: list[Any], now: float) -> float:
+def _entry_age(entry_id: Any, now: float) -> float:
     """Seconds since the oldest stream entry was added (its id is its time in ms); 0: none."""
-    if not entries:
+    if not entry_id:
         return 0.0
-    millis = _text(entries[0][0]).split("-")[0]
+    millis = _text(entry_id).split("-")[0]
     return round(max(0.0, now - int(millis) / 1000), 3) if millis.isdigit() else 0.0
 
 

@@ -120,12 +120,45 @@ def test_a_frozen_worker_fails_its_liveness_probe_and_a_thawed_one_passes(
     marks = wait_for(marked, timeout=20, what="Celery's event loop marked")
     assert marks == {"ingest", "dispatch", "heartbeat", "sweep", "consumer"}
 
+    # 15 s: above the slowest loop's interval (the sweep, 10 s), so only a hang fails it
+    assert passes("live", "--within", "15")
     assert worker.pid is not None
     os.kill(worker.pid, signal.SIGSTOP)  # hung: the process lives, nothing moves
     try:
-        wait_for(lambda: not passes("live", "--within", "3"), timeout=20, what="probe fails")
-        failed = probe(probe_env, "live", "--within", "3")
+        wait_for(lambda: not passes("live", "--within", "15"), timeout=40, what="probe fails")
+        failed = probe(probe_env, "live", "--within", "15")
         assert failed.returncode == 1 and failed.stderr.startswith("not live:")
     finally:
         os.kill(worker.pid, signal.SIGCONT)
-    wait_for(lambda: passes("live", "--within", "3"), timeout=20, what="probe passes again")
+    wait_for(lambda: passes("live", "--within", "15"), timeout=20, what="probe passes again")
+
+
+def test_a_redis_outage_longer_than_the_liveness_bound_does_not_fail_liveness(
+    env, redis_server, start_worker, tmp_path: Path
+):
+    health_file = str(tmp_path / "health.json")
+    start_worker(FISCAL_HEALTH_FILE=health_file)
+    probe_env = {**env, "FISCAL_HEALTH_FILE": health_file}
+
+    def doc() -> dict:
+        return json.loads(Path(health_file).read_text())
+
+    wait_for(lambda: "consumer" in doc()["marks"], timeout=20, what="Celery's loop marked")
+    redis_server.stop()
+    try:
+        # Celery's consumer waits in its reconnect loop: unmarked for longer than the bound
+        def consumer_stale() -> bool:
+            current = doc()
+            return current["written"] - current["marks"]["consumer"] > 16
+
+        wait_for(consumer_stale, timeout=40, what="the consumer unmarked for 16 s")
+        # 15 s: above the sweep loop's 10 s interval, below the consumer's silence
+        outage = probe(probe_env, "live", "--within", "15")
+        assert outage.returncode == 0, outage.stderr
+    finally:
+        redis_server.start()
+    wait_for(
+        lambda: probe(probe_env, "ready", "--within", "15").returncode == 0,
+        timeout=60,
+        what="ready again once Redis is back",
+    )

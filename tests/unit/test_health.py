@@ -126,3 +126,30 @@ def test_the_probe_command_exits_0_1_2_with_one_line(tmp_path):
     assert missing.returncode == 1 and missing.stderr.startswith("not live: no health file")
     assert probe_cli(path, "alive").returncode == 2
     assert probe_cli(path, "live", "--within", "soon").returncode == 2
+
+
+def test_celerys_consumer_waiting_for_redis_is_not_a_hang(pulse, clock):
+    all_loops_mark(pulse)
+    pulse.redis_answered()
+    clock.now += health.LIVE_SECONDS + 60  # Redis away: the consumer reconnects, unmarked
+    for loop in health.LOOPS:
+        if loop != "consumer":
+            pulse.mark(loop)  # the guarded loops go on
+    pulse.write()
+    assert health.probe(pulse.path, ready=False, now=clock()) is None
+    assert "Redis" in (health.probe(pulse.path, ready=True, now=clock()) or "")
+    pulse.redis_answered()  # Redis is back: now the consumer must move again
+    pulse.write()
+    problem = health.probe(pulse.path, ready=False, now=clock())
+    assert problem is not None and "consumer loop" in problem
+
+
+def test_readiness_gives_a_slow_configured_heartbeat_three_beats_too(tmp_path, clock):
+    pulse = health.Pulse(str(tmp_path / "h.json"), beat_seconds=60, clock=clock)
+    all_loops_mark(pulse)
+    pulse.redis_answered()
+    clock.now += 150  # two and a half beats since Redis last answered
+    all_loops_mark(pulse)
+    pulse.write()
+    assert health.probe(pulse.path, ready=True, now=clock()) is None
+    assert health.probe(pulse.path, ready=True, now=clock() + 31) is not None

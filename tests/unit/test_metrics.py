@@ -4,7 +4,9 @@ worker/metrics.py without walking the keyspace."""
 from __future__ import annotations
 
 import json
+import time
 
+import fakeredis
 import httpx
 import pytest
 from burst import BRAND, STREAM, Burst
@@ -13,6 +15,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker import keys, telemetry
+from worker.clopos.wire import Wire
 from worker.ingest_format import to_rfc3339
 from worker.metrics import METRIC_NAMES, RedisStateCollector
 from worker.settings import Settings
@@ -170,8 +173,7 @@ def test_a_scrape_reads_brands_from_the_registry_and_never_scans_the_keyspace(r,
     monkeypatch.setattr(r, "scan", no_scan)
     monkeypatch.setattr(r, "scan_iter", no_scan)
     monkeypatch.setattr(r, "keys", no_scan)
-    now = 1_700_000_000.0
-    monkeypatch.setattr("worker.status.time.time", lambda: now)
+    now = time.time()  # the breaker reads its own clock
     r.zadd(keys.BRANDS, {"alpha": now - 60, "gone": now - keys.BRAND_REGISTRY_SECONDS - 1})
     r.hset(
         keys.breaker("alpha"),
@@ -227,3 +229,47 @@ def test_429_series_exist_from_zero_so_the_first_429_counts_in_a_rate(r):
     samples = scrape(r)
     for endpoint in ("auth", "get_receipt", "patch_receipt"):
         assert value(samples, "fiscal_api_calls_total", endpoint=endpoint, status="429") == 0
+
+
+def test_a_stream_entry_that_is_not_utf8_does_not_break_the_scrape(r, monkeypatch):
+    monkeypatch.setattr("worker.status.time.time", lambda: 1_700_000_100.0)
+    raw = fakeredis.FakeRedis(connection_pool=r.connection_pool, decode_responses=False)
+    raw.xadd(STREAM, {b"data": b"\xff\xfe not text"}, id="1700000040000-0")
+    samples = scrape(r)
+    assert value(samples, "fiscal_ingest_lag_seconds") == pytest.approx(60)
+
+
+@pytest.mark.parametrize(
+    ("state", "until_from_now", "blocks"),
+    [
+        ("open", 30, 1),  # cooling down: calls refused
+        ("open", -10, 1),  # half-open, its probe to come
+        ("open", -301, 0),  # half-open past the longest cool-down: no result left to probe
+    ],
+)
+def test_the_circuit_gauge_says_whether_the_brand_is_blocked(r, state, until_from_now, blocks):
+    now = time.time()  # the breaker reads its own clock
+    r.zadd(keys.BRANDS, {"alpha": now})
+    r.hset(
+        keys.breaker("alpha"),
+        mapping={keys.BREAKER_STATE: state, keys.BREAKER_UNTIL: now + until_from_now},
+    )
+    samples = scrape(r, breaker_max_cooldown_seconds=300)
+    assert value(samples, "fiscal_brand_circuit_open", brand="alpha") == blocks
+
+
+def test_a_failing_answer_hook_never_changes_what_the_request_did():
+    def broken_hook(method, path, status):
+        raise RuntimeError("metrics are down")
+
+    wire = Wire(
+        "https://clopos.test/open-api",
+        http=httpx.Client(
+            transport=httpx.MockTransport(
+                lambda request: httpx.Response(200, json={"success": True, "data": {}})
+            )
+        ),
+        on_answer=broken_hook,
+    )
+    answer = wire.send("PATCH", "/v2/receipts/1", json={"lock": True})
+    assert getattr(answer, "status", None) == 200

@@ -318,7 +318,7 @@ def test_keda_watches_the_ingest_stream_and_the_workers_group() -> None:
     assert metadata["stream"] == Settings.model_fields["ingest_stream"].default
     assert metadata["stream"] == configmap_settings()["FISCAL_INGEST_STREAM"]
     assert metadata["consumerGroup"] == keys.INGEST_GROUP
-    assert "pendingEntriesCount" in metadata
+    assert "streamLength" in metadata  # settled entries are deleted: its length is what waits
 
 
 def test_keda_watches_the_due_results_metric_the_exporter_serves() -> None:
@@ -438,7 +438,9 @@ def test_compose_redis_keeps_an_aof_never_evicts_and_wants_a_password() -> None:
     assert command[command.index("--maxmemory") + 1].startswith("${REDIS_MAXMEMORY")
     assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
     test = " ".join(redis["healthcheck"]["test"])
-    assert "redis-cli -a" in test and "ping" in test
+    assert "redis-cli" in test and "ping" in test
+    assert " -a" not in test  # the password comes from REDISCLI_AUTH, not argv (`ps`)
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
 
 
 def test_compose_workers_scale_and_start_once_redis_is_healthy() -> None:

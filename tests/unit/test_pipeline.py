@@ -78,6 +78,7 @@ def test_a_schedule_entry_whose_record_vanished_is_dead_lettered_and_counted():
     assert entry["result_id"] == rid and entry["reason"] == "retries_exhausted"
     assert "record is gone" in entry["error"]
     assert bench.r.hget(keys.COUNTERS, "orphans") == "1"
+    assert bench.r.hget(keys.COUNTERS, "dead_lettered:retries_exhausted") == "1"  # counted
     assert bench.unfinished() == 0
 
 

@@ -8,6 +8,7 @@ too. Network errors and timeouts come back as `TransientError`, never raised fro
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,9 @@ from worker.errors import (
     RateLimitInfo,
     TransientError,
 )
+from worker.logs import kv
+
+log = logging.getLogger(__name__)
 
 READ_TIMEOUT_SECONDS = 12.0  # above the API's 8 s upstream limit, so its 504 reaches us first
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -147,7 +151,10 @@ class Wire:
         outcome = self._send(method, path, json, headers)
         if self.on_answer is not None:
             status = outcome.http_status if isinstance(outcome, CloposError) else outcome.status
-            self.on_answer(method, path, status)
+            try:
+                self.on_answer(method, path, status)
+            except Exception:  # a hook (metrics) never changes what the request did
+                log.exception(kv("answer_hook_failed", method=method))
         return outcome
 
     def _send(
