@@ -600,8 +600,9 @@ class Fiscaliser:
         """End to end, at the PATCH: from the stream entry (its id is its time in ms) and,
         when the adapter sent it, from printed_at."""
         now = self.clock()
-        with contextlib.suppress(ValueError):
-            telemetry.observe_latency(pipe, Since.STREAM, now - int(record.rid.split("-")[0]) / 1e3)
+        added = telemetry.entry_time(record.rid)
+        if added is not None:
+            telemetry.observe_latency(pipe, Since.STREAM, now - added)
         printed = record.result.get("printed_at")
         if isinstance(printed, str):
             with contextlib.suppress(ValueError):

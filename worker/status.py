@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from worker import keys, scripts
+from worker import keys, scripts, telemetry
 from worker.breaker import CircuitBreaker
 from worker.dlq import DeadLetterStore
 from worker.ratelimit import BrandBudget, RatePolicy
@@ -106,11 +106,9 @@ def collect(redis_client: redis.Redis, settings: Settings) -> dict[str, Any]:
 
 
 def _entry_age(entry_id: Any, now: float) -> float:
-    """Seconds since the oldest stream entry was added (its id is its time in ms); 0: none."""
-    if not entry_id:
-        return 0.0
-    millis = _text(entry_id).split("-")[0]
-    return round(max(0.0, now - int(millis) / 1000), 3) if millis.isdigit() else 0.0
+    """Seconds since the oldest stream entry was added; 0: none."""
+    added = telemetry.entry_time(_text(entry_id)) if entry_id else None
+    return round(max(0.0, now - added), 3) if added is not None else 0.0
 
 
 def _text(value: Any) -> str:

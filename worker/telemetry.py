@@ -106,6 +106,12 @@ def circuit(change: str) -> str:
     return f"circuit_{change}"
 
 
+def entry_time(entry_id: str) -> float | None:
+    """Unix seconds a stream entry was added (its id is `<ms>-<seq>`); None if not an id."""
+    millis = entry_id.split("-")[0]
+    return int(millis) / 1000 if millis.isdigit() else None
+
+
 def bucket_of(seconds: float) -> int:
     """The index of the first bucket whose bound holds `seconds`; len(LATENCY_BUCKETS): +Inf."""
     return bisect.bisect_left(LATENCY_BUCKETS, seconds)
