@@ -10,6 +10,8 @@ SCANs of the keyspace per scrape) as the baseline, in the same process and Redis
     .venv/bin/python bench/scrape.py [--keys 1000000] [--repeats 20]
 
 Prints the median and worst scrape of each and their ratio. The target: < 100 ms.
+Figure 7 of the suite (bench/dlq_scale.py) fills its Redis with `fill` and times the scrape
+with `time_scrapes`, beside the dead-letter store at scale.
 """
 
 from __future__ import annotations

@@ -14,14 +14,16 @@ import logging
 import os
 import ssl
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
 from celery import Celery, bootsteps
 from celery.signals import after_setup_logger, celeryd_init, task_received
 
-from worker import keys
+from worker import broker, keys
 from worker.logs import install_redaction, kv, quiet_libraries
 from worker.settings import SettingsError, get_settings
 
@@ -35,7 +37,10 @@ POLICY_CHECK_SECONDS = 20.0  # how long a starting worker waits for Redis to rea
 VISIBILITY_TIMEOUT_SECONDS = 3600
 TASK_SOFT_TIME_LIMIT_SECONDS = 150
 TASK_TIME_LIMIT_SECONDS = 180
-MAX_TASKS_PER_CHILD = 200  # bounds a child to ~+30 MiB
+MAX_TASKS_PER_CHILD = 10_000  # a pool child is replaced after this many tasks,
+# or once its resident memory passes this (~65 MiB idle; 4 of them + the main process fit
+# the pod's 1 GiB limit, ops/k8s/base/worker.yaml)
+MAX_MEMORY_PER_CHILD_KIB = 200 * 1024
 CONSUMER_PULSE_SECONDS = 5.0  # Celery's event loop marks its progress (worker/health.py)
 
 try:
@@ -56,6 +61,8 @@ def broker_ssl(url: str) -> dict[str, Any] | None:
 app = Celery("fiscal-worker", include=["tasks.fiscalise"])
 app.conf.update(
     broker_url=_settings.redis_url.get_secret_value(),
+    # kombu's Redis transport with one client per channel, not one per command (CPU).
+    broker_transport=broker.transport_for(_settings.redis_url.get_secret_value()),
     broker_connection_retry_on_startup=True,
     broker_use_ssl=broker_ssl(_settings.redis_url.get_secret_value()),
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
@@ -72,10 +79,12 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     # Pitfall 6: no hoarding; the queue length tells the autoscaler the truth.
     worker_prefetch_multiplier=1,
-    # A pool process is replaced after this many tasks: measured (bench/backlog_memory.py),
-    # a child's RSS grows ~0.15 MiB per task run, outside our pipeline (tracemalloc over
-    # 2,000 runs of it: +1 KiB); recycling keeps the pool flat.
+    # A pool process is replaced after MAX_TASKS_PER_CHILD tasks, or sooner if its memory
+    # grows past MAX_MEMORY_PER_CHILD_KIB: a bound, not a routine (measured with redis-py 6.4:
+    # a child's RSS stays flat, +0.7 MiB over 6,000 tasks; each replacement stalls the pool
+    # for 0.2-4 s, which recycling every 200 tasks paid over and over).
     worker_max_tasks_per_child=MAX_TASKS_PER_CHILD,
+    worker_max_memory_per_child=MAX_MEMORY_PER_CHILD_KIB,
     # Flower sees every task.
     worker_send_task_events=True,
     task_send_sent_event=True,
@@ -101,7 +110,9 @@ class FiscalWorkerStep(bootsteps.StartStopStep):
         from worker.runtime import get_runtime
         from worker.service import WorkerService
 
-        self.service = WorkerService(get_runtime(), publish, QUEUE, held=held_results)
+        self.service = WorkerService(
+            get_runtime(), publish, QUEUE, held=held_results, batch=publishing
+        )
         parent.fiscal_service = self.service  # for ConsumerPulse
         self.service.start()
 
@@ -141,9 +152,25 @@ app.steps["worker"].add(FiscalWorkerStep)
 app.steps["consumer"].add(ConsumerPulse)
 
 
+_batch = threading.local()  # the producer of this thread's `publishing()` block
+
+
+@contextlib.contextmanager
+def publishing() -> Iterator[None]:
+    """The block's `publish` calls go to the broker together when it ends, in one round
+    trip (kombu's publish batch); raises there if they could not be sent."""
+    with app.producer_or_acquire() as producer, producer.batch():
+        _batch.producer = producer
+        try:
+            yield
+        finally:
+            _batch.producer = None
+
+
 def publish(rid: str, dispatch: int, brand: str, receipt_id: str) -> None:
     """Put one result's task on the queue, by name (the worker package never imports the
-    task module). Arguments are ids only; the task id is the result's rid, for Flower."""
+    task module). Arguments are ids only; the task id is the result's rid, for Flower.
+    Inside `publishing()` it is sent with the block's batch."""
     app.send_task(
         TASK_NAME,
         args=[rid, dispatch],
@@ -151,6 +178,7 @@ def publish(rid: str, dispatch: int, brand: str, receipt_id: str) -> None:
         task_id=rid,
         queue=QUEUE,
         ignore_result=True,  # as the app's task_ignore_result: outcomes live in Redis
+        producer=getattr(_batch, "producer", None),
     )
 
 

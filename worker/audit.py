@@ -163,7 +163,12 @@ class AuditTrail:
             *guarded_args,
             *_pairs(always),
         ]
-        self._set_state_script(keys=[audit_key, attempts_key], args=args, client=pipeline)
+        if pipeline is None:
+            self._set_state_script(keys=[audit_key, attempts_key], args=args)
+        else:
+            scripts.queue(
+                pipeline, self._set_state_script, keys=[audit_key, attempts_key], args=args
+            )
 
 
 def _keys(brand: str, receipt_id: int) -> tuple[str, str]:

@@ -37,7 +37,8 @@ PROBE_TIMEOUT_SECONDS = 30.0  # longer than one call with its timeouts
 FAILED_CALLS_PER_MINUTE = 300  # half of the flood guard's 600
 
 # The breaker hash's layout is keys.BREAKER_* (state, failures, until, cooldown, opened_at):
-# written by worker/scripts/breaker_record.lua, read by breaker_allow.lua, by state() below
+# written by worker/scripts/breaker_record_fn.lua, read by breaker_allow_fn.lua (both run by
+# breaker_*.lua and, on the hot path, by gate_check.lua / gate_record.lua), by state() below
 # and by admission (store_admit.lua holds a brand's results while its circuit is open).
 
 

@@ -19,16 +19,18 @@ each finding is logged at error level and counted):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import redis
 
 from worker import keys, telemetry
 from worker.dlq import DeadLetterStore, Reason
 from worker.logs import kv
-from worker.store import ResultStore
+from worker.store import Claimed, ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,44 @@ BATCH = 100  # results claimed per round trip
 SWEEP_SCAN_COUNT = 500  # records looked at per sweep step
 
 Publish = Callable[[str, int, str, str], None]  # rid, dispatch, brand, receipt_id
+# Publishes made inside it go to the broker together, when it ends (worker/app.py: kombu's
+# publish batch, one round trip); it raises there if they could not be sent.
+PublishBatch = Callable[[], AbstractContextManager[object]]
+
+
+class PublishFailed(Exception):
+    """Some admitted results could not be published (the broker refused or was away)."""
+
+
+def publish_all(
+    publish: Publish, batch: PublishBatch, items: Sequence[Claimed], what: str
+) -> tuple[list[Claimed], Exception | None]:
+    """Publish these admitted results' tasks in one batch: the ones that surely went, in
+    order, and the first error if any did not. Nothing is raised: what was not published
+    keeps its short publish lease and is re-driven from the schedule (a message that went
+    after all is a stale dispatch then, a no-op)."""
+    published: list[Claimed] = []
+    failed: Exception | None = None
+    try:
+        with batch():
+            for item in items:
+                try:
+                    publish(item.rid, item.dispatch, item.brand, item.receipt_id)
+                    published.append(item)
+                except Exception as exc:
+                    failed = failed or exc
+                    log.warning(kv(f"{what}_publish_failed", rid=item.rid, error=describe(exc)))
+    except Exception as exc:  # the batch could not be sent: none of it surely went
+        log.warning(kv(f"{what}_publish_failed", count=len(items), error=describe(exc)))
+        return [], exc
+    return published, failed
+
+
+def describe(exc: BaseException) -> str:
+    """`Class: message` on one line, short enough for a log line or a dead letter."""
+    text = " ".join(f"{exc.__class__.__name__}: {exc}".split())
+    return text[:300]
+
 
 ORPHAN_ERROR = (
     "lost from Redis: the schedule held this result but its record is gone (deleted, or "
@@ -53,10 +93,12 @@ class Dispatcher:
         *,
         max_queued: int,
         dlq: DeadLetterStore,
+        batch: PublishBatch = contextlib.nullcontext,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.publish = publish
+        self.batch = batch
         self.queue_length = queue_length
         self.max_queued = max_queued
         self.dlq = dlq
@@ -67,17 +109,19 @@ class Dispatcher:
         """One admission pass; returns how many due results it handled (published or
         parked until their slot) or found taken by another dispatcher since it read them,
         so the loop goes again at once while work is due."""
-        room = self.max_queued - self.queue_length()
-        if room <= 0:
+        queued = self.queue_length()
+        if queued > self.max_queued // 2:
+            # Topped up only below half: a pass fills half the queue's room at least, not
+            # one message at a time as the workers take them (each pass costs round trips);
+            # what waits meanwhile would wait behind the queued messages anyway.
             return 0
+        room = self.max_queued - queued
         admission = self.store.admit_due(self.clock(), min(room, BATCH))
-        published = []
-        try:
-            for item in admission.publish:
-                self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
-                published.append(item)
-        finally:  # in the queue now: leased for as long as a message may wait there
-            self.store.published(published, self.clock())
+        published, failed = publish_all(self.publish, self.batch, admission.publish, "dispatch")
+        # in the queue now: leased for as long as a message may wait there
+        self.store.published(published, self.clock())
+        if failed is not None:  # the loop pauses (worker/service.py) instead of spinning
+            raise PublishFailed(describe(failed)) from failed
         for rid in admission.orphans:
             self.dead_letter_orphan(rid)
         if admission.handled:

@@ -4,7 +4,7 @@ receipt lock   SET NX with a TTL (LOCK_SECONDS): only its holder calls the API f
                receipt, so two PATCHes of one receipt never run at once. Its token is a
                fence: right before every request the run checks that it still holds the
                lock and extends it, atomically with its result's lease
-               (ResultStore.fence); a run whose lock lapsed takes it again and reads the
+               (worker/gate.py, gate_check); a run whose lock lapsed takes it again and reads the
                receipt again before it writes, or steps aside.
 fiscalised     the fiscal_id a receipt was fiscalised with, kept marker_ttl (30 days):
 marker         a duplicate costs no API call while it lives; after it expires the GET
@@ -44,6 +44,7 @@ class ReceiptLock:
         self.redis = redis_client
         self.ttl_ms = int(seconds * 1000)
         self.key = keys.receipt_lock(brand, receipt_id)
+        self.marker_key = keys.fiscalised(brand, receipt_id)
         self.rid, self.dispatch = rid, dispatch
         self.token = f"{rid}:{dispatch}:{secrets.token_hex(6)}"
         self._acquire = redis_client.register_script(scripts.load("idempotency_acquire"))
@@ -53,13 +54,20 @@ class ReceiptLock:
             scripts.load("idempotency_hold_in_flight")
         )
 
-    def acquire(self) -> bool:
-        """Take the lock if it is free or held by an older dispatch of this same result."""
-        return bool(
-            self._acquire(
-                keys=[self.key], args=[self.token, self.ttl_ms, f"{self.rid}:", self.dispatch]
-            )
+    def take(self) -> tuple[bool, str | None]:
+        """Take the lock if it is free or held by an older dispatch of this same result,
+        unless the receipt is marked fiscalised: (taken, the marker's fiscal id or None),
+        in one round trip."""
+        taken, marked = self._acquire(
+            keys=[self.key, self.marker_key],
+            args=[self.token, self.ttl_ms, f"{self.rid}:", self.dispatch],
         )
+        marked = marked.decode() if isinstance(marked, bytes) else str(marked)
+        return bool(int(taken)), marked or None
+
+    def acquire(self) -> bool:
+        """`take`, for whether the lock was taken."""
+        return self.take()[0]
 
     def extend(self) -> bool:
         """Renew the full TTL if still ours; False means another worker may hold it now."""
@@ -71,8 +79,12 @@ class ReceiptLock:
         or failed at the server); then the lock frees itself."""
         return bool(self._hold_in_flight(keys=[self.key], args=[self.token, int(seconds * 1000)]))
 
-    def release(self) -> None:
-        self._release(keys=[self.key], args=[self.token])
+    def release(self, *, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Delete the lock if still ours; queued on `pipeline` when given (a run's finish)."""
+        if pipeline is None:
+            self._release(keys=[self.key], args=[self.token])
+        else:
+            scripts.queue(pipeline, self._release, keys=[self.key], args=[self.token])
 
 
 class FiscalisedMarkers:

@@ -35,6 +35,7 @@ The stream is read as bytes: an adapter may write anything, including invalid UT
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ import redis
 
 from worker import keys, scripts, telemetry
 from worker.audit import AuditTrail
-from worker.dispatcher import Publish
+from worker.dispatcher import Publish, PublishBatch, describe, publish_all
 from worker.dlq import DeadLetterStore, Reason
 from worker.ingest_format import MAX_ENTRY_BYTES, FiscalResult, InvalidMessage, parse_entry
 from worker.logs import kv
@@ -92,7 +93,7 @@ class Settled:
 
     def keep(self, count: int, exc: BaseException) -> None:
         self.kept += count
-        self.error = self.error or _describe(exc)
+        self.error = self.error or describe(exc)
 
     def __iadd__(self, other: Settled) -> Settled:
         self.accepted += other.accepted
@@ -115,6 +116,7 @@ class IngestConsumer:
         audit: AuditTrail,
         publish: Publish,
         queue_has_room: Callable[[], bool],
+        batch: PublishBatch = contextlib.nullcontext,
         claim_idle_seconds: float = CLAIM_IDLE_SECONDS,
         block_ms: int = 500,
         read_bytes: int = INGEST_READ_BYTES,
@@ -128,6 +130,7 @@ class IngestConsumer:
         self.dlq = dlq
         self.audit = audit
         self.publish = publish
+        self.batch = batch
         self.queue_has_room = queue_has_room
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.block_ms = block_ms
@@ -268,11 +271,9 @@ class IngestConsumer:
         now = self.clock()
         recorded: list[Entry] = []
         created: list[str] = []
-        for entry, result in accepted:
-            try:
-                is_new = self._record(entry, result, now)
-            except Exception as exc:
-                self._failed(entry, exc, outcome)
+        for (entry, _), is_new in zip(accepted, self._record(accepted, now), strict=True):
+            if isinstance(is_new, Exception):
+                self._failed(entry, is_new, outcome)
                 continue
             recorded.append(entry)
             if is_new:
@@ -295,19 +296,14 @@ class IngestConsumer:
                 return
             admission = self.store.admit(created, now)
         except Exception as exc:
-            log.warning(kv("ingest_admit_failed", count=len(created), error=_describe(exc)))
+            log.warning(kv("ingest_admit_failed", count=len(created), error=describe(exc)))
             return
-        published = []
-        for item in admission.publish:
-            try:
-                self.publish(item.rid, item.dispatch, item.brand, item.receipt_id)
-                published.append(item)
-            except Exception as exc:  # its publish lease lapses; the dispatcher publishes it
-                log.warning(kv("ingest_publish_failed", rid=item.rid, error=_describe(exc)))
+        # what is not published keeps its publish lease; then the dispatcher publishes it
+        published, _ = publish_all(self.publish, self.batch, admission.publish, "ingest")
         try:
             self.store.published(published, now)
         except Exception as exc:  # they keep the short publish lease: re-driven if not run
-            log.warning(kv("ingest_published_failed", count=len(published), error=_describe(exc)))
+            log.warning(kv("ingest_published_failed", count=len(published), error=describe(exc)))
 
     def _ack_recorded(self, recorded: list[Entry], outcome: Settled) -> None:
         pipe = self.store.redis.pipeline(transaction=True)
@@ -323,7 +319,7 @@ class IngestConsumer:
             # XDEL frees memory): acknowledge these recorded results without the counter.
             if not self._ack_plain(recorded):
                 outcome.keep(len(recorded), exc)
-                log.debug(kv("ingest_ack_failed", count=len(recorded), error=_describe(exc)))
+                log.debug(kv("ingest_ack_failed", count=len(recorded), error=describe(exc)))
                 return
         outcome.accepted += len(recorded)
 
@@ -348,7 +344,7 @@ class IngestConsumer:
             raise exc
         if isinstance(exc, redis.RedisError):  # Redis refused: try again later, however often
             outcome.keep(1, exc)
-            log.debug(kv("ingest_entry_kept", rid=entry.entry_id, error=_describe(exc)))
+            log.debug(kv("ingest_entry_kept", rid=entry.entry_id, error=describe(exc)))
             return
         try:
             deliveries = self._deliveries(entry.entry_id)
@@ -363,12 +359,12 @@ class IngestConsumer:
                     "ingest_entry_failed",
                     rid=entry.entry_id,
                     deliveries=deliveries,
-                    error=_describe(exc),
+                    error=describe(exc),
                 ),
                 exc_info=exc,
             )
             return
-        error = f"entry could not be settled after {deliveries} deliveries: {_describe(exc)}"
+        error = f"entry could not be settled after {deliveries} deliveries: {describe(exc)}"
         if self._settle_invalid(entry, error, outcome, event="result_poisoned"):
             outcome.poisoned += 1
 
@@ -381,7 +377,7 @@ class IngestConsumer:
             raise
         except redis.RedisError as exc:
             outcome.keep(1, exc)
-            log.debug(kv("ingest_entry_kept", rid=entry.entry_id, error=_describe(exc)))
+            log.debug(kv("ingest_entry_kept", rid=entry.entry_id, error=describe(exc)))
             return False
         except Exception as exc:
             outcome.keep(1, exc)
@@ -401,16 +397,65 @@ class IngestConsumer:
             )
         return parse_entry(data)
 
-    def _record(self, entry: Entry, result: FiscalResult, now: float) -> bool:
-        """Store the result, due now; False if this entry was recorded before (re-claimed)."""
-        created = self.store.create(
-            entry.entry_id,
-            result.model_dump(mode="json", exclude_none=True),
-            (entry.data or b"").decode("utf-8"),
-            score=now,
-            now=now,
-        )
-        if created:
+    def _record(
+        self, accepted: list[tuple[Entry, FiscalResult]], now: float
+    ) -> list[bool | Exception]:
+        """Store the results, due now, in one round trip; then the audit records of the new
+        ones in another. Per entry: True (recorded), False (recorded before: re-claimed) or
+        the error that kept it from being recorded; raises only if Redis is unreachable."""
+        if not accepted:
+            return []
+        pipe = self.store.redis.pipeline(transaction=False)
+        queued: list[bool | Exception] = []
+        for entry, result in accepted:
+            try:
+                self.store.create(
+                    entry.entry_id,
+                    result.model_dump(mode="json", exclude_none=True),
+                    (entry.data or b"").decode("utf-8"),
+                    score=now,
+                    now=now,
+                    pipeline=pipe,
+                )
+                queued.append(True)
+            except Exception as exc:  # a bug of ours on this input: not queued
+                queued.append(exc)
+        replies = iter(pipe.execute(raise_on_error=False) if pipe.command_stack else [])
+        outcomes: list[bool | Exception] = []
+        for ok in queued:
+            if isinstance(ok, Exception):
+                outcomes.append(ok)
+                continue
+            reply = next(replies)
+            if isinstance(reply, _UNREACHABLE):
+                raise reply
+            outcomes.append(reply if isinstance(reply, Exception) else bool(reply))
+        self._audit_received(accepted, outcomes)
+        for (entry, result), is_new in zip(accepted, outcomes, strict=True):
+            if isinstance(is_new, bool):
+                log.info(
+                    kv(
+                        "result_received",
+                        rid=entry.entry_id,
+                        brand=result.brand,
+                        receipt_id=result.receipt_id,
+                        result_id=result.result_id,
+                        device_id=result.device_id,
+                        duplicate_entry=not is_new,
+                    )
+                )
+        return outcomes
+
+    def _audit_received(
+        self, accepted: list[tuple[Entry, FiscalResult]], outcomes: list[bool | Exception]
+    ) -> None:
+        """The audit records of the results just created, in one round trip. Best effort: a
+        recorded result does not wait for its audit record (keeping the entry would not help)."""
+        pipe = self.store.redis.pipeline(transaction=False)
+        rids = []
+        for (entry, result), is_new in zip(accepted, outcomes, strict=True):
+            if is_new is not True:
+                continue
             try:
                 self.audit.record_received(
                     result.brand,
@@ -421,21 +466,22 @@ class IngestConsumer:
                     venue_id=result.venue_id,
                     printed_at=result.printed_at,
                     extras=result.extras() or None,
+                    pipeline=pipe,
                 )
-            except Exception as exc:  # the result is recorded: keeping the entry would not help
-                log.warning(kv("audit_record_failed", rid=entry.entry_id, error=_describe(exc)))
-        log.info(
-            kv(
-                "result_received",
-                rid=entry.entry_id,
-                brand=result.brand,
-                receipt_id=result.receipt_id,
-                result_id=result.result_id,
-                device_id=result.device_id,
-                duplicate_entry=not created,
-            )
-        )
-        return created
+            except Exception as exc:  # this entry's record only; the others' go on
+                log.warning(kv("audit_record_failed", rid=entry.entry_id, error=describe(exc)))
+                continue
+            rids.append(entry.entry_id)
+        if not rids:
+            return
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            log.warning(kv("audit_record_failed", count=len(rids), error=describe(exc)))
+            return
+        failed = [reply for reply in replies if isinstance(reply, Exception)]
+        if failed:
+            log.warning(kv("audit_record_failed", count=len(failed), error=describe(failed[0])))
 
     def _dead_letter(self, entry: Entry, error: str, event: str = "result_invalid") -> None:
         payload = entry.data if entry.data is not None else _describe_fields(entry.fields)
@@ -473,12 +519,6 @@ def _name(value: bytes | str) -> str:
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _describe(exc: BaseException) -> str:
-    """`Class: message` on one line, short enough for a log line or a dead letter."""
-    text = " ".join(f"{exc.__class__.__name__}: {exc}".split())
-    return text[:300]
 
 
 def _describe_fields(fields: dict[bytes, bytes]) -> bytes:

@@ -25,14 +25,16 @@ chance):
                                             per brand, fw:dlq:brand:<brand>, kept with the
                                             others: the DLQ scripts change them together),
                                             counts and size
-    fw:counters, fw:latency, fw:workers, fw:brands, fw:auth-rate, fw:failed-calls:<minute>
+    fw:counters, fw:latency, fw:workers, fw:brands, fw:auth-calls, fw:auth-hold,
+    fw:failed-calls:<minute>
     fiscal (and kombu's own keys)           the Celery queue
     the ingest stream                       a setting (default fiscal:results)
 
 Cluster readiness, not Cluster support
 --------------------------------------
 Single-slot scripts (one brand's keys, or one key): ratelimit_reserve, ratelimit_pause,
-ratelimit_take, ratelimit_observe, ratelimit_auth_reserve, breaker_allow, breaker_record,
+ratelimit_take, ratelimit_observe, ratelimit_auth_hold, breaker_allow, breaker_record,
+gate_record,
 idempotency_acquire / _extend / _release / _hold_in_flight, audit_set_state,
 tokens_unlock, tokens_drop_if_current, ingest_read, ingest_prune, ingest_oldest_id.
 
@@ -40,6 +42,8 @@ Scripts that cross slots (and so would not run on a Redis Cluster as they are):
     store_admit       the schedule, result records, and the rate, breaker and fiscalised
                       keys of every brand among the results it admits
     store_fence       a receipt lock (per brand) with a result record and the schedule
+    gate_check        the same, with the brand's breaker, pause and rate keys
+    ratelimit_auth_reserve  the auth call log and the auth hold (two global keys)
     store_create, store_begin, store_renew, store_hold, store_published,
     store_reschedule  a result record (or several) with the schedule
     dlq_add, dlq_remove  the dead-letter keys (global, untagged)
@@ -182,8 +186,12 @@ def audit_attempts(brand: str, receipt_id: int | str) -> str:
 
 # --- global --------------------------------------------------------------------------------
 
-# string: the deployment's next /v2/auth slot (unix s); TTL until it passes.
-AUTH_RATE = f"{PREFIX}:auth-rate"
+# zset: the deployment's /v2/auth calls of the last minute (member: unique, score: when it
+# goes, unix s; a call may be booked ahead); TTL a window past the last.
+AUTH_CALLS = f"{PREFIX}:auth-calls"
+# string: no /v2/auth call before this (unix s): the API said the IP's minute is nearly
+# used up (RateLimit-Remaining at the others' reserve, or a 429); TTL until then.
+AUTH_HOLD = f"{PREFIX}:auth-hold"
 
 
 def failed_calls(minute: int) -> str:

@@ -1,16 +1,23 @@
 """One run of one result: from its stored record to fiscalised, parked or dead-lettered.
 
 Follow a result top to bottom in `Fiscaliser.run`:
-  begin (only the current dispatch runs) -> deadline -> credentials -> fiscalised marker
-  -> receipt lock -> GET -> decide() -> PATCH -> finish; every failure class has one handler.
+  begin (only the current dispatch runs) -> deadline -> credentials -> receipt lock, taken
+  in one step with the fiscalised marker read -> GET -> decide() -> PATCH -> finish (the
+  lock released in its transaction); every failure class has one handler.
 Around every HTTP request the client calls the run's gate (`_RunGate`):
-  before the call  the brand's circuit breaker, the failed-call guard (for results that
-                   failed before), a 429 pause and the brand's rate budget (the slot
-                   reserved at admission, or one taken ahead of the queue for a result
-                   already under way); it sleeps a short wait, or defers the result
-  before the send  a fence: this run must still be the result's dispatch and hold the
-                   receipt lock, and both are extended, in one atomic step. A run whose
-                   lock lapsed takes it again and reads the receipt again before it writes.
+  before the call  the failed-call guard (for results that failed before), the brand's
+                   rate budget (the slot reserved at admission, or one taken ahead of the
+                   queue for a result already under way: it sleeps a short wait, or defers
+                   the result); and, only when the process holds no token (the call may
+                   cost a /v2/auth), the brand's circuit breaker and 429 pause
+  before the send  one step (worker/gate.py): this run must still be the result's dispatch
+                   and hold the receipt lock (both extended), the circuit must let it call
+                   (or it takes the half-open probe), no 429 pause, and the window guard
+                   counts it. A run whose lock lapsed takes it again and reads the receipt
+                   again before it writes.
+  after the answer the budget learns others' use and the breaker the outcome, with the
+                   call's audit attempt, in one round trip; a GET's rides with the PATCH's
+                   gate (or the run's end).
 Every write of a run (park, finish, dead-letter) is fenced on its dispatch number
 (`ResultStore.fenced`): a run that lost its result writes nothing (Superseded).
 The Celery task (tasks/fiscalise.py) is a thin shell that maps the Outcome to a task state.
@@ -30,7 +37,7 @@ import redis
 
 from worker import keys, telemetry
 from worker.audit import AuditTrail
-from worker.breaker import CircuitBreaker, FailedCallGuard
+from worker.breaker import CircuitBreaker, FailedCallGuard, Transition
 from worker.clopos.client import CloposClient
 from worker.clopos.tokens import FAILURE_MEMORY_SECONDS
 from worker.decide import Action, confirms, decide
@@ -45,6 +52,7 @@ from worker.errors import (
     RateLimitInfo,
     TransientError,
 )
+from worker.gate import Answered, Attempt, RequestGate
 from worker.idempotency import IN_FLIGHT_SECONDS, FiscalisedMarkers, ReceiptLock
 from worker.ingest_format import parse_rfc3339, to_rfc3339
 from worker.logs import kv
@@ -58,6 +66,7 @@ log = logging.getLogger(__name__)
 
 BUSY_RECEIPT_WAIT_SECONDS = 1.0  # another worker holds the receipt: look again shortly
 GUARD_SPREAD_SECONDS = 20.0  # results held by the failed-call guard resume spread this wide
+LEASE_SPARE_SECONDS = 5.0  # a wait ending this close to the lease's end renews it first
 LOCK_REGAINS = 2  # a run whose receipt lock lapsed takes it again (and re-reads) this often
 
 
@@ -76,6 +85,9 @@ class _Run:
     probe: bool = False
     sent: float = 0.0
     keep_lock: bool = False  # a PATCH of unknown outcome: the lock expires on its own
+    released: bool = False  # the lock went with the run's finish
+    leased_until: float = 0.0  # the result's lease lasts at least this long (unix s)
+    answered: Answered | None = None  # its last call, recorded with the next round trip
 
 
 class _RunGate:
@@ -148,6 +160,14 @@ class Fiscaliser:
         self.clock = clock
         self.sleep = sleep
         self.telemetry = Telemetry(redis_client)
+        self.tokens = client.tokens
+        self.gate = RequestGate(
+            redis_client,
+            breaker=breaker,
+            rate=budget.policy,
+            audit=audit,
+            run_lease=store.run_lease,
+        )
 
     # --- the path of one result -------------------------------------------------------------
     def run(self, rid: str, dispatch: int) -> Outcome:
@@ -173,9 +193,6 @@ class Fiscaliser:
             return self._dead_letter(
                 record, Reason.UNKNOWN_BRAND, f"no credentials for brand {record.brand!r}"
             )
-        absorbed = self._check_marker(record)
-        if absorbed is not None:
-            return absorbed
         lock = ReceiptLock(
             self.redis,
             record.brand,
@@ -184,7 +201,10 @@ class Fiscaliser:
             record.dispatch,
             self.lock_seconds,
         )
-        if not lock.acquire():
+        taken, marked = lock.take()  # a receipt fiscalised already is not locked: absorbed
+        if marked is not None:
+            return self._absorb(record, marked)
+        if not taken:
             record.deferrals += 1
             due = self.clock() + BUSY_RECEIPT_WAIT_SECONDS
             return self._park(
@@ -194,11 +214,9 @@ class Fiscaliser:
                 RetryClass.RECEIPT_BUSY,
                 counted=False,
             )
-        run = _Run(record, lock)
+        # `begin` leased the result run_lease from its start, a moment ago
+        run = _Run(record, lock, leased_until=self.clock() + self.store.run_lease - 1.0)
         try:
-            absorbed = self._check_marker(record)  # the holder before us may have finished it
-            if absorbed is not None:
-                return absorbed
             return self._apply(run)
         except Deferred as deferred:
             return self._deferred(record, deferred, under_way=run.calls > 0)
@@ -221,7 +239,10 @@ class Fiscaliser:
             log.exception(kv("result_internal_error", rid=record.rid, brand=record.brand))
             return self._failed(record, TransientError(f"internal error: {exc!r}"[:300]))
         finally:
-            if not run.keep_lock:
+            self._record_answered(run)
+            with contextlib.suppress(redis.RedisError):  # else it lapses (probe timeout)
+                self._drop_probe(run)  # a probe taken for a call that never went
+            if not run.keep_lock and not run.released:
                 lock.release()
 
     def _apply(self, run: _Run) -> Outcome:
@@ -253,66 +274,35 @@ class Fiscaliser:
         record = run.record
         gate = _RunGate(self, run)
         got = self.client.get_receipt(record.brand, record.receipt_id, record.venue_id, gate=gate)
-        self._after_call(run, got.rate, None)
+        self._after_call(run, got.rate, None, self._ok(record, "GET", got.status), defer=True)
         receipt = got.data.get("data")
         if not isinstance(receipt, dict):
             raise TransientError("GET answered without a receipt object", http_status=got.status)
-        self._attempt(record, "GET", got.status, "ok")
         decision = decide(receipt, record.fiscal_id)
         if decision.action is Action.CONFLICT:
             return self._dead_letter(record, Reason.FISCAL_ID_CONFLICT, decision.detail, got.status)
         if decision.action is Action.NOT_CLOSED:
             return self._not_ready(record, NotReadyError(decision.detail, http_status=got.status))
         if decision.action is Action.DONE:
-            return self._finish(record, Kind.ALREADY_DONE, decision.detail)
+            return self._finish(record, Kind.ALREADY_DONE, decision.detail, run=run)
         patched = self.client.patch_receipt(
             record.brand, record.receipt_id, decision.fields, record.venue_id, gate=gate
         )
-        self._after_call(run, patched.rate, None)
+        self._after_call(run, patched.rate, None, self._ok(record, "PATCH", patched.status))
         after = patched.data.get("data")
-        self._attempt(record, "PATCH", patched.status, "ok")
         if isinstance(after, dict) and not confirms(after, record.fiscal_id):
             # Somebody else wrote the receipt between our GET and PATCH; look again.
             raise TransientError(
                 "PATCH response does not show our fiscal_id locked", http_status=200
             )
-        return self._finish(record, Kind.FISCALISED, decision.detail, patched=True)
+        return self._finish(record, Kind.FISCALISED, decision.detail, patched=True, run=run)
 
     # --- before and after every HTTP request ------------------------------------------------
     def _gate(self, run: _Run) -> None:
-        """May the next call of this run go? Sleeps a short wait; raises Deferred otherwise."""
-        record, brand = run.record, run.record.brand
-        if not run.probe:  # a run holding the probe (its re-try after a 401) goes on with it
-            permit = self.breaker.allow(brand)
-            if not permit.allowed:
-                until = permit.wait_until or self.clock() + 1
-                raise Deferred(until, f"circuit open for {brand}", circuit_open=True)
-            run.probe = permit.probe
-        try:
-            self._await_budget(run)
-        except Deferred:
-            self._drop_probe(run)
-            raise
-        if run.calls == 0:
-            record.attempts += 1
-        run.calls += 1
-
-    def _fence(self, run: _Run) -> None:
-        """Right before the send: still our result and our receipt lock (both extended)."""
-        answer = self.store.fence(run.record, run.lock, self.clock())
-        if answer == "ok":
-            return
-        self._drop_probe(run)
-        if answer == "superseded":
-            raise Superseded
-        raise LockLost
-
-    def _drop_probe(self, run: _Run) -> None:
-        if run.probe:
-            self.breaker.release_probe(run.record.brand)  # it did not call after all
-            run.probe = False
-
-    def _await_budget(self, run: _Run) -> None:
+        """Before the token: may this run's next call go, and when? Sleeps a short wait for
+        its slot; raises Deferred otherwise. Without a token in the process (it may take a
+        /v2/auth call) the brand's circuit and pause are asked first: a brand that may not
+        call costs no auth call. Everything else is checked right before the send."""
         record, brand = run.record, run.record.brand
         if run.calls == 0 and (record.failures or record.not_ready_since):
             blocked = self.guard.blocked_until()
@@ -320,9 +310,29 @@ class Fiscaliser:
                 raise Deferred(
                     blocked + random.uniform(0, GUARD_SPREAD_SECONDS), "failed-call guard"
                 )
+        try:
+            if not self.tokens.has(brand):
+                self._record_answered(run)  # a probe's success first: it closes the circuit
+                self._may_authenticate(run)
+            self._await_slot(run)
+        except Deferred:
+            self._drop_probe(run)
+            raise
+
+    def _may_authenticate(self, run: _Run) -> None:
+        brand = run.record.brand
+        if not run.probe:  # a run holding the probe (its re-try after a 401) goes on with it
+            permit = self.breaker.allow(brand)
+            if not permit.allowed:
+                until = permit.wait_until or self.clock() + 1
+                raise Deferred(until, f"circuit open for {brand}", circuit_open=True)
+            run.probe = permit.probe
         paused = self.budget.paused_until(brand)
         if paused is not None:
             raise Deferred(paused, f"brand {brand} paused after a 429")
+
+    def _await_slot(self, run: _Run) -> None:
+        record, brand = run.record, run.record.brand
         rate = self.budget.policy
         if record.slot is not None and run.calls < record.slots:
             slot = record.slot + run.calls * record.step  # reserved at admission
@@ -333,58 +343,141 @@ class Fiscaliser:
         wait = slot - self.clock()
         if wait > rate.short_wait + rate.lead:
             raise Deferred(slot - rate.lead, f"budget slot of {brand} is later")
-        self._wait(record, wait)
-        while (free_at := self.budget.take(brand, now := self.clock())) is not None:
-            if free_at - now > rate.short_wait:
-                raise Deferred(free_at, f"window of {brand} is full (others use the budget too)")
-            self._wait(record, free_at - now)
+        self._wait(run, wait)
+
+    def _fence(self, run: _Run) -> None:
+        """Right before the send, in one step (worker/gate.py): still our result and our
+        receipt lock (both extended), the circuit lets it call, no 429 pause, and the
+        window guard counts it (a short wait for the window is slept and it asks again)."""
+        record, brand = run.record, run.record.brand
+        while True:
+            now = self.clock()
+            verdict, change = self.gate.check(
+                record.rid,
+                record.dispatch,
+                run.lock,
+                brand,
+                probe=run.probe,
+                now=now,
+                answered=run.answered,
+            )
+            if run.answered is not None:
+                run.answered = None
+                self._circuit_changed(brand, change, None)
+            run.probe = verdict.probe
+            if verdict.verdict == "ok":
+                run.leased_until = now + self.store.run_lease
+                break
+            at = verdict.at if verdict.at is not None else now + 1
+            if verdict.verdict == "full" and at - now <= self.budget.policy.short_wait:
+                try:
+                    self._wait(run, at - now)
+                except Superseded:
+                    self._drop_probe(run)
+                    raise
+                continue
+            self._drop_probe(run)
+            if verdict.verdict == "superseded":
+                raise Superseded
+            if verdict.verdict == "lock_lost":
+                raise LockLost
+            if verdict.verdict == "open":
+                raise Deferred(at, f"circuit open for {brand}", circuit_open=True)
+            if verdict.verdict == "paused":
+                raise Deferred(at, f"brand {brand} paused after a 429")
+            raise Deferred(at, f"window of {brand} is full (others use the budget too)")
+        if run.calls == 0:
+            record.attempts += 1
+        run.calls += 1
         run.sent = now
 
-    def _wait(self, record: ResultRecord, seconds: float) -> None:
-        """Sleep a short wait, the result's lease extended over it so it is not re-driven.
-        No wait, no renewal: the fence right before the send extends the lease anyway."""
+    def _drop_probe(self, run: _Run) -> None:
+        if run.probe:
+            self.breaker.release_probe(run.record.brand)  # it did not call after all
+            run.probe = False
+
+    def _wait(self, run: _Run, seconds: float) -> None:
+        """Sleep a short wait, the result's lease covering it so it is not re-driven: it is
+        extended first unless it outlasts the wait already (set by `begin` and by every
+        send's gate). No wait, no renewal: the gate right before the send extends it."""
         if seconds <= 0:
             return
-        if not self.store.renew(record, self.clock() + seconds):
-            raise Superseded
+        record, now = run.record, self.clock()
+        if now + seconds + LEASE_SPARE_SECONDS > run.leased_until:
+            if not self.store.renew(record, now + seconds):
+                raise Superseded
+            run.leased_until = now + seconds + self.store.run_lease
         self.sleep(seconds)
-        self.telemetry.count(telemetry.wait_ms(Wait.SLEPT), telemetry.millis(seconds))
+        telemetry.buffer(self.redis, telemetry.wait_ms(Wait.SLEPT), telemetry.millis(seconds))
 
-    def _after_call(self, run: _Run, rate: RateLimitInfo, exc: CloposError | None) -> None:
+    def _after_call(
+        self,
+        run: _Run,
+        rate: RateLimitInfo,
+        exc: CloposError | None,
+        attempt: Attempt | None = None,
+        *,
+        defer: bool = False,
+    ) -> None:
         """What one call tells the brand's budget (the server's view of the window) and its
-        circuit: 5xx, timeouts and an auth-class answer to a receipt call fail it; an answer
-        about the receipt (even 404 or 400) shows the API works; a 429 and a rejected
-        /v2/auth are neither."""
+        circuit, in one round trip with the call's audit attempt: 5xx, timeouts and an
+        auth-class answer to a receipt call fail it; an answer about the receipt (even 404
+        or 400) shows the API works; a 429 and a rejected /v2/auth are neither."""
         if isinstance(exc, RateLimitedError):
             return  # its Remaining (0) describes the pause, not others' use: see _failed
-        if run.calls:
-            self.budget.observe(run.record.brand, rate, run.sent)
         # A rejected /v2/auth (or its remembered rejection) is not a failed receipt call: the
         # auth budget and the remembered rejection bound those, and the results must reach
         # auth_failed after their own bounded retries, not wait behind a cool-down.
         # It says nothing about the receipt calls either: the circuit is left as it is (a
         # probe that never reached a receipt call is let go for another).
-        if isinstance(exc, AuthError) and exc.call in (None, "auth"):
+        rejected_auth = isinstance(exc, AuthError) and exc.call in (None, "auth")
+        if rejected_auth:
             self._drop_probe(run)
-            return
-        failed = isinstance(exc, TransientError | AuthError)
-        change = self.breaker.record(run.record.brand, ok=not failed, probe=run.probe)
+            if not run.calls:
+                return
+        answered = Answered(
+            run.record.brand,
+            rate if run.calls and not rejected_auth else None,  # /v2/auth's headers: not ours
+            run.sent,
+            ok=None if rejected_auth else not isinstance(exc, TransientError | AuthError),
+            probe=run.probe,
+            now=self.clock(),
+            attempt=attempt,
+        )
         run.probe = False
-        if change.change:
-            log.warning(
-                kv(
-                    "circuit_" + change.change,
-                    brand=run.record.brand,
-                    cooldown=change.cooldown or None,
-                    error=str(exc) if exc else None,
-                )
-            )
-            self.telemetry.count(telemetry.circuit(change.change))
+        if defer:  # a GET that answered: it rides with the PATCH's gate (or the run's end)
+            run.answered = answered
+            return
+        self._record_answered(run)  # the breaker sees the run's calls in their order
+        self._circuit_changed(run.record.brand, self.gate.record(answered), exc)
 
-    def _check_marker(self, record: ResultRecord) -> Outcome | None:
-        marked = self.markers.get(record.brand, record.receipt_id)
-        if marked is None:
-            return None
+    def _record_answered(self, run: _Run) -> None:
+        """The run ends with its last call not recorded yet (no PATCH followed its GET)."""
+        if run.answered is None:
+            return
+        answered, run.answered = run.answered, None
+        try:
+            self._circuit_changed(answered.brand, self.gate.record(answered), None)
+        except redis.RedisError as exc:  # the budget and the circuit miss one success
+            log.warning(kv("call_unrecorded", brand=answered.brand, error=exc.__class__.__name__))
+
+    def _circuit_changed(
+        self, brand: str, change: Transition | None, exc: CloposError | None
+    ) -> None:
+        if change is None or not change.change:
+            return
+        log.warning(
+            kv(
+                "circuit_" + change.change,
+                brand=brand,
+                cooldown=change.cooldown or None,
+                error=str(exc) if exc else None,
+            )
+        )
+        self.telemetry.count(telemetry.circuit(change.change))
+
+    def _absorb(self, record: ResultRecord, marked: str) -> Outcome:
+        """The receipt's fiscalised marker says `marked`: this result is done, or conflicts."""
         if marked == record.fiscal_id:
             return self._finish(record, Kind.DUPLICATE, "already fiscalised by this worker")
         return self._dead_letter(
@@ -495,6 +588,7 @@ class Fiscaliser:
                 pipe.hincrby(
                     keys.COUNTERS, telemetry.wait_ms(waited[0]), telemetry.millis(waited[1])
                 )
+            telemetry.drain(pipe)
         log.info(
             kv(
                 "result_parked",
@@ -508,8 +602,15 @@ class Fiscaliser:
         return Outcome(Kind.PARKED, error, due=due)
 
     def _finish(
-        self, record: ResultRecord, kind: Kind, detail: str, patched: bool = False
+        self,
+        record: ResultRecord,
+        kind: Kind,
+        detail: str,
+        patched: bool = False,
+        run: _Run | None = None,
     ) -> Outcome:
+        """Done: marker, audit state, record gone, counted; the run's receipt lock released
+        in the same transaction (the marker is set before anyone else may take the lock)."""
         with self.store.fenced(record) as pipe:
             self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipeline=pipe)
             self.audit.set_state(
@@ -524,6 +625,11 @@ class Fiscaliser:
             if patched:
                 pipe.hincrby(keys.COUNTERS, telemetry.PATCHES, 1)
                 self._observe_latency(record, pipe)
+            if run is not None and not run.keep_lock:
+                run.lock.release(pipeline=pipe)
+            telemetry.drain(pipe)
+        if run is not None:
+            run.released = True
         log.info(
             kv(
                 f"result_{kind.value}",
@@ -566,6 +672,7 @@ class Fiscaliser:
             )
             self.store.forget(record.rid, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(reason), 1)
+            telemetry.drain(pipe)
         log.warning(
             kv(
                 "result_dead_lettered",
@@ -608,6 +715,10 @@ class Fiscaliser:
             with contextlib.suppress(ValueError):
                 printed_at = parse_rfc3339(printed).timestamp()
                 telemetry.observe_latency(pipe, Since.PRINTED, now - printed_at)
+
+    @staticmethod
+    def _ok(record: ResultRecord, call: str, status: int) -> Attempt:
+        return Attempt(record.brand, record.receipt_id, call, status, "ok")
 
     def _attempt(self, record: ResultRecord, call: str, status: int | None, outcome: str) -> None:
         self.audit.record_attempt(

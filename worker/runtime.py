@@ -54,8 +54,12 @@ def build_runtime(settings: Settings) -> Runtime:
         connect_timeout=settings.http_connect_timeout_seconds,
         on_answer=Telemetry(r).api_answer,
     )
+    auth_budget = AuthBudget(r, settings.auth_calls_per_minute)
     auth = AuthCaller(
-        wire, integrator_id=settings.clopos_integrator_id or "", credentials=credentials
+        wire,
+        integrator_id=settings.clopos_integrator_id or "",
+        credentials=credentials,
+        on_rate=auth_budget.observe,
     )
     rate = rate_policy(settings)
     budget = BrandBudget(r, rate)
@@ -74,7 +78,7 @@ def build_runtime(settings: Settings) -> Runtime:
     tokens = TokenProvider(
         r,
         auth.authenticate,
-        auth_budget=AuthBudget(r, settings.auth_calls_per_minute),
+        auth_budget=auth_budget,
         lock_seconds=refresh_lock_seconds(
             settings.http_connect_timeout_seconds, settings.http_timeout_seconds
         ),

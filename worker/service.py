@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 import redis
 
-from worker import keys
-from worker.dispatcher import Dispatcher, Publish
+from worker import keys, telemetry
+from worker.dispatcher import Dispatcher, Publish, PublishBatch, PublishFailed
 from worker.health import Pulse
 from worker.ingest import IngestConsumer
 from worker.logs import kv
@@ -56,7 +56,12 @@ Held = Callable[[], list[tuple[str, int]]]  # (rid, dispatch) of the results thi
 
 class WorkerService:
     def __init__(
-        self, runtime: Runtime, publish: Publish, queue_name: str, held: Held | None = None
+        self,
+        runtime: Runtime,
+        publish: Publish,
+        queue_name: str,
+        held: Held | None = None,
+        batch: PublishBatch = contextlib.nullcontext,
     ) -> None:
         settings = runtime.settings
         self.runtime = runtime
@@ -79,6 +84,7 @@ class WorkerService:
             audit=runtime.audit,
             publish=publish,
             queue_has_room=queue_has_room,
+            batch=batch,
             claim_idle_seconds=settings.claim_idle_seconds,
         )
         self.dispatcher = Dispatcher(
@@ -87,6 +93,7 @@ class WorkerService:
             self.queue_length,
             max_queued=settings.max_queued,
             dlq=runtime.dlq,
+            batch=batch,
         )
         self.threads = [
             threading.Thread(target=self._ingest_loop, name="fiscal-ingest", daemon=True),
@@ -166,6 +173,7 @@ class WorkerService:
         if self.brands:  # the exporter's brand list (no keyspace scan on a scrape)
             pipe.zadd(keys.BRANDS, dict.fromkeys(self.brands, now))
         pipe.zremrangebyscore(keys.BRANDS, "-inf", now - keys.BRAND_REGISTRY_SECONDS)
+        telemetry.drain(pipe)  # the process's counts that no run's pipeline has taken
         pipe.execute()
         self.pulse.redis_answered()
         return renewed
@@ -190,6 +198,8 @@ class WorkerService:
             return step() or 0
         except redis.RedisError as exc:
             log.warning(kv("redis_unavailable", step=step.__name__, error=exc.__class__.__name__))
+        except PublishFailed as exc:  # logged per result by the dispatcher; pause, go on
+            log.warning(kv("publish_paused", step=step.__name__, error=str(exc)))
         except Exception:
             log.exception(kv("loop_error", step=step.__name__))
         self.stopping.wait(ERROR_PAUSE_SECONDS)

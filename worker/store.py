@@ -11,7 +11,7 @@ Each accepted result is a hash (keys.result) plus one member of a sorted set
               score = now + WORKER_LEASE   received by a worker, renewed by that worker's
                                            heartbeat (`hold`)
     running   score = now + RUN_LEASE      a task has it; renewed before every API call
-                                           (`fence`) and by the heartbeat
+                                           (worker/gate.py) and by the heartbeat
     parked    score = retry due time       waiting out a backoff, a 429, a busy receipt or
                                            its brand's budget slot (minus the lead)
 
@@ -95,7 +95,8 @@ class Superseded(Exception):
 #   store_renew        renew a running lease
 #   store_hold         a worker's heartbeat keeps the results it holds leased
 #   store_published    their messages are in the queue: the queue lease
-#   store_fence        right before a request: the dispatch and the receipt lock still ours
+#   store_fence        the dispatch and the receipt lock still ours (`fence`; the hot path
+#                      runs the same check inside worker/scripts/gate_check.lua)
 #   store_reschedule   records that lost their schedule entry are put back
 
 
@@ -258,8 +259,10 @@ class ResultStore:
         *,
         score: float,
         now: float,
+        pipeline: redis.client.Pipeline | None = None,
     ) -> bool:
-        """Record a new result scheduled at `score`; False if it already exists."""
+        """Record a new result scheduled at `score`; False if it already exists. Queued on
+        `pipeline` when given (its reply says the same), True returned."""
         fields = {
             "result": json.dumps(dict(result), separators=(",", ":")),
             "payload": payload,
@@ -270,11 +273,12 @@ class ResultStore:
             "dispatch": 0,
             "state": State.DUE.value,
         }
-        created = self._create(
-            keys=[keys.result(rid), keys.SCHEDULE],
-            args=[rid, json.dumps(_flatten(fields)), repr(score)],
-        )
-        return bool(created)
+        script_keys = [keys.result(rid), keys.SCHEDULE]
+        args = [rid, json.dumps(_flatten(fields)), repr(score)]
+        if pipeline is not None:
+            scripts.queue(pipeline, self._create, keys=script_keys, args=args)
+            return True
+        return bool(self._create(keys=script_keys, args=args))
 
     def admit_due(self, now: float, limit: int) -> Admission:
         """Admit up to `limit` due results (the dispatcher's pass)."""

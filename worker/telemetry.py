@@ -5,7 +5,11 @@ single exporter per deployment (worker/metrics.py) all see the same numbers, and
 survives the restart of whatever incremented it. Writes ride in the pipeline of the step
 they count where there is one (a result's outcome, a parked retry), so most cost no extra
 round trip; a counter is never worth failing a result for, so a lone write that fails is
-logged and dropped (`Telemetry.count`).
+logged and dropped (`Telemetry.count`). Counts made where no pipeline runs (an API answer,
+at the wire) wait in the process (`buffer`) and ride in the next pipeline the process runs
+there (`drain`): the call's own after-call step, the run's outcome, or in the main process
+the heartbeat; a process killed or recycled in between loses those few counts, never a
+result.
 
     keys.COUNTERS   one hash of integer counters, by field (the names below; waits in ms)
     keys.LATENCY    the end-to-end latency histogram: per `since`, one field per bucket
@@ -16,6 +20,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+import threading
+import weakref
+from collections import Counter
 from enum import StrEnum
 
 import redis
@@ -123,6 +131,39 @@ def observe_latency(pipe: redis.client.Pipeline, since: Since, seconds: float) -
     pipe.hincrbyfloat(keys.LATENCY, f"{since}:sum", round(seconds, 6))
 
 
+# Counts waiting for a pipeline, per Redis (its connection pool): they go only to the Redis
+# they were counted for.
+_buffered: weakref.WeakKeyDictionary[object, Counter[str]] = weakref.WeakKeyDictionary()
+_buffer_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    # A prefork child starts with none of its parent's counts (they are the parent's to
+    # write) and a fresh lock (a service thread may have held it at the fork).
+    global _buffer_lock
+    _buffer_lock = threading.Lock()
+    _buffered.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def buffer(redis_client: redis.Redis, field: str, amount: int = 1) -> None:
+    """Count `field` into `redis_client`'s Redis with the next pipeline run there (`drain`)."""
+    with _buffer_lock:
+        _buffered.setdefault(redis_client.connection_pool, Counter())[field] += amount
+
+
+def drain(pipe: redis.client.Pipeline) -> None:
+    """Queue the counts buffered for `pipe`'s Redis on it. They are taken out of the buffer
+    now: if `pipe` then fails they are lost (logged by whoever runs it), a count, not a
+    result."""
+    with _buffer_lock:
+        counts = _buffered.pop(pipe.connection_pool, None)
+    for field, amount in (counts or {}).items():
+        pipe.hincrby(keys.COUNTERS, field, amount)
+
+
 class Telemetry:
     """Counters written on their own (no pipeline of a step to ride in)."""
 
@@ -136,5 +177,6 @@ class Telemetry:
             log.warning(kv("counter_lost", field=field, error=exc.__class__.__name__))
 
     def api_answer(self, method: str, path: str, status: int | None) -> None:
-        """The wire's hook: one answer (or none: a timeout, a lost connection) from Clopos."""
-        self.count(api_call(endpoint_of(method, path), status))
+        """The wire's hook: one answer (or none: a timeout, a lost connection) from Clopos,
+        counted with the next pipeline of this process (the call's after-call step)."""
+        buffer(self.redis, api_call(endpoint_of(method, path), status))

@@ -74,12 +74,15 @@ def env(redis_server: RedisServer, fake: FakeClopos, tmp_path: Path) -> dict[str
 def start_worker(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(name: str = "w1", concurrency: int = 2, **overrides: str) -> WorkerProcess:
+    def start(
+        name: str = "w1", concurrency: int = 2, pool: str = "prefork", **overrides: str
+    ) -> WorkerProcess:
         process = WorkerProcess(
             {**env, **overrides},
             tmp_path / f"{name}.log",
             name=name,
             concurrency=concurrency,
+            pool=pool,
             cwd=ROOT,
         )
         started.append(process)

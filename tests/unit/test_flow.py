@@ -61,6 +61,21 @@ def test_the_dispatcher_keeps_the_queue_within_max_queued_and_the_rest_waits_due
     assert bench.unfinished() == 0
 
 
+def test_the_dispatcher_tops_the_queue_up_in_batches_from_below_half():
+    bench = Burst(limit=100_000, max_queued=10)  # every result has its slot now
+    for receipt_id in range(1, 41):
+        bench.add_receipt(receipt_id)
+        bench.send(receipt_id, f"F-{receipt_id}")
+    bench.dispatcher.run_once()
+    assert len(bench.queue) == 10
+    for _ in range(4):  # the workers take 4: 6 left, above half
+        bench.queue.popleft()
+    assert bench.dispatcher.run_once() == 0 and len(bench.queue) == 6  # no pass of one
+    bench.queue.popleft()  # 5 left: half
+    bench.dispatcher.run_once()
+    assert len(bench.queue) == 10  # filled up in one pass
+
+
 def test_a_backlog_past_the_budget_is_spread_over_windows_without_a_429():
     bench = Burst(limit=10, window=5)
     for receipt_id in range(1, 31):
@@ -104,3 +119,26 @@ def test_a_record_without_a_brand_is_dead_lettered_and_does_not_stop_admission()
     assert bench.api.patches(5) == [{"fiscal_id": "F-5", "lock": True}]
     assert [d["result_id"] for d in bench.dead_letters()] == [damaged]
     assert bench.unfinished() == 0
+
+
+def test_a_failed_publish_pauses_the_dispatcher_and_the_results_are_re_driven():
+    import pytest
+
+    from worker.dispatcher import PublishFailed
+
+    bench = Burst(limit=100_000)
+    for receipt_id in (1, 2):
+        bench.add_receipt(receipt_id)
+        bench.send(receipt_id, f"F-{receipt_id}")
+    working = bench.dispatcher.publish
+
+    def broker_away(*_args):
+        raise ConnectionError("broker away")
+
+    bench.dispatcher.publish = broker_away
+    with pytest.raises(PublishFailed):  # the loop pauses on it (worker/service.py)
+        bench.dispatcher.run_once()
+    assert not bench.queue and bench.unfinished() == 2  # still scheduled: nothing lost
+    bench.dispatcher.publish = working
+    bench.run()
+    assert all(len(bench.api.patches(r)) == 1 for r in (1, 2))

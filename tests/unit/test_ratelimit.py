@@ -62,6 +62,15 @@ def test_take_keeps_one_call_spare_in_the_window(r, clock):
     assert budget.take("b", clock.now) is None
 
 
+def test_one_call_of_others_is_taken_for_calls_in_flight(r, clock):
+    budget = BrandBudget(r, RatePolicy(limit=20, window=5, margin=0), clock=clock)
+    budget.take("b", clock.now)
+    # 20 - 18 - 1 (ours) = 1: one of our calls sent after this one, counted first
+    budget.observe("b", RateLimitInfo(limit=20, remaining=18, reset_seconds=3), clock.now)
+    assert r.get(keys.rate_others("b")) is None
+    assert budget.reserve("b").step == pytest.approx(5 / 19)  # planned as with no others
+
+
 def test_others_use_lowers_capacity_and_the_window_guard(r, clock):
     budget = BrandBudget(r, RatePolicy(limit=20, window=5, margin=0), clock=clock)
     budget.take("b", clock.now)
@@ -73,12 +82,34 @@ def test_others_use_lowers_capacity_and_the_window_guard(r, clock):
     assert taken[:8] == [None] * 8 and taken[8] is not None  # 1 + 8 + 10 others = 19
 
 
-def test_auth_budget_allows_a_burst_then_paces(r, clock):
-    auth = AuthBudget(r, per_minute=30, burst=3, clock=clock)
-    goes = [auth.reserve(max_wait=100) for _ in range(5)]
-    assert all(g.ok for g in goes)
-    assert [round(g.start - clock.now, 3) for g in goes] == [0, 0, 0, 2.0, 4.0]
-    assert not auth.reserve(max_wait=1).ok
+def test_auth_budget_allows_its_minute_at_once_then_waits_for_the_window(r, clock):
+    auth = AuthBudget(r, per_minute=45, clock=clock)
+    burst = [auth.reserve(max_wait=0) for _ in range(45)]
+    assert all(g.ok and g.start == clock.now for g in burst)  # 45 cold brands: all at once
+    assert not auth.reserve(max_wait=10).ok  # the 46th: not within the minute
+    later = auth.reserve(max_wait=100)
+    assert later.ok and later.start == pytest.approx(clock.now + 60)  # when the first leaves
+    clock.now += 61
+    assert auth.reserve(max_wait=0).ok  # the burst left the window
+
+
+def test_auth_budget_holds_when_the_api_says_the_rest_is_others(r, clock):
+    auth = AuthBudget(r, per_minute=45, clock=clock)
+    auth.observe(RateLimitInfo(limit=60, remaining=16, reset_seconds=50))
+    assert auth.reserve(max_wait=0).ok  # 16 left: still more than others' 15
+    auth.observe(RateLimitInfo(limit=60, remaining=15, reset_seconds=50))
+    held = auth.reserve(max_wait=100)
+    assert held.ok and held.start == pytest.approx(clock.now + 50)  # not before the reset
+    auth.observe(RateLimitInfo(limit=60, remaining=20, reset_seconds=5))
+    assert not auth.reserve(max_wait=10).ok  # a later answer never shortens the hold
+    clock.now += 51
+    assert auth.reserve(max_wait=0).ok
+
+
+def test_an_auth_429_holds_auth_calls_for_its_reset(r, clock):
+    auth = AuthBudget(r, per_minute=45, clock=clock)
+    auth.observe(RateLimitInfo(limit=60, remaining=0, reset_seconds=30), rejected=True)
+    assert auth.reserve(max_wait=100).start == pytest.approx(clock.now + 30)
 
 
 def test_results_under_way_go_ahead_of_the_queue_but_at_the_brand_pace():

@@ -32,7 +32,7 @@ def test_the_package_holds_every_script():
     assert len(NAMES) >= 25
     assert {"store_admit", "ratelimit_reserve", "dlq_add", "tokens_unlock"} <= set(NAMES)
     assert all(
-        re.fullmatch(r"(audit|breaker|dlq|idempotency|ingest|ratelimit|store|tokens)_\w+", n)
+        re.fullmatch(r"(audit|breaker|dlq|gate|idempotency|ingest|ratelimit|store|tokens)_\w+", n)
         for n in NAMES
     )
 
@@ -83,7 +83,7 @@ def test_no_python_module_holds_inline_lua():
 
 
 def test_the_breaker_scripts_use_the_hash_layout_of_keys():
-    record, allow = scripts.source("breaker_record"), scripts.source("breaker_allow")
+    record, allow = scripts.load("breaker_record"), scripts.load("breaker_allow")
     for field in keys.BREAKER_FIELDS:
         assert f"'{field}'" in record
     for value in (keys.BREAKER_OPEN, keys.BREAKER_CLOSED):

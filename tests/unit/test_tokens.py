@@ -136,3 +136,36 @@ def test_the_refresh_lock_outlives_the_longest_refresh(r):
 
     TokenProvider(r, authenticate, lock_seconds=refresh_lock_seconds(5.0, 12.0)).get("b1")
     assert seen and seen[0] > (AUTH_MAX_WAIT_SECONDS + 5.0 + 12.0) * 1000
+
+
+def test_a_token_held_in_the_process_costs_no_redis_read(r, clock):
+    provider = TokenProvider(r, Auth(clock), clock=clock)
+    first = provider.get("b1")
+    r.delete(keys.token("b1"))  # gone from Redis (another process dropped it after a 401)
+    assert provider.has("b1") and provider.get("b1") == first  # used until its own 401
+    provider.invalidate("b1", first)
+    assert not provider.has("b1") and provider.get("b1") != first
+
+
+def test_a_token_read_from_redis_is_held_until_its_refresh_margin(r, clock):
+    auth = Auth(clock)
+    TokenProvider(r, auth, clock=clock).get("b1")  # another process fetched it
+    provider = TokenProvider(r, auth, clock=clock)
+    assert not provider.has("b1")
+    token = provider.get("b1")
+    assert provider.has("b1") and auth.calls == 1
+    clock.now += 3600 - 59  # inside the margin: not fresh in the process either
+    assert not provider.has("b1") and provider.get("b1") != token
+
+
+def test_a_token_deleted_from_redis_leaves_every_process_within_the_hold(r, clock):
+    from worker.clopos.tokens import LOCAL_HOLD_SECONDS
+
+    auth = Auth(clock)
+    provider = TokenProvider(r, auth, clock=clock)
+    first = provider.get("b1")
+    r.delete(keys.token("b1"))  # an operator switching tokens at once (ops/RUNBOOK.md)
+    clock.now += LOCAL_HOLD_SECONDS - 1
+    assert provider.get("b1") == first
+    clock.now += 2
+    assert provider.get("b1") != first and auth.calls == 2

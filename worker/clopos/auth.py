@@ -11,14 +11,27 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from worker.clopos.wire import Wire
-from worker.errors import AuthError, CloposError, PermanentError, TransientError
+from worker.errors import (
+    AuthError,
+    CloposError,
+    PermanentError,
+    RateLimitedError,
+    RateLimitInfo,
+    TransientError,
+)
 from worker.logs import kv, register_secret
 from worker.settings import BrandCredentials
 
 log = logging.getLogger(__name__)
+
+
+class RateHook(Protocol):
+    """Told every /v2/auth answer's rate headers (`rejected`: a 429): the auth budget."""
+
+    def __call__(self, rate: RateLimitInfo, *, rejected: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -36,11 +49,17 @@ class AuthCaller:
     TransientError (network, 5xx, an answer without a usable token)."""
 
     def __init__(
-        self, wire: Wire, *, integrator_id: str, credentials: Mapping[str, BrandCredentials]
+        self,
+        wire: Wire,
+        *,
+        integrator_id: str,
+        credentials: Mapping[str, BrandCredentials],
+        on_rate: RateHook | None = None,
     ) -> None:
         self.wire = wire
         self.integrator_id = integrator_id
         self.credentials = credentials
+        self.on_rate = on_rate
 
     def authenticate(self, brand: str) -> Token:
         creds = self.credentials.get(brand)
@@ -54,6 +73,11 @@ class AuthCaller:
         }
         started = time.time()
         outcome = self.wire.send("POST", "/v2/auth", json=body)
+        if self.on_rate is not None:
+            try:
+                self.on_rate(outcome.rate, rejected=isinstance(outcome, RateLimitedError))
+            except Exception as exc:  # the auth budget's learning never fails the call
+                log.warning(kv("auth_rate_unrecorded", error=exc.__class__.__name__))
         if isinstance(outcome, CloposError):
             if isinstance(outcome, PermanentError):
                 # 400 from /v2/auth: missing fields or a bad integrator, an auth problem.

@@ -26,14 +26,17 @@ class TokenSource(Protocol):
 
     def get(self, brand: str) -> str: ...
 
+    def has(self, brand: str) -> bool: ...  # a fresh token in this process: get() is free
+
     def invalidate(self, brand: str, token: str) -> None: ...
 
 
 class CallGate(Protocol):
     """What a caller hands the client to govern one call's requests (the pipeline's run):
-    `before_call` before the token is fetched (budget, breaker: it may raise Deferred, so a
-    brand that may not call costs no /v2/auth); `before_send` right before the request goes
-    (a fence: it may raise to stop it)."""
+    `before_call` before the token is fetched (budget, and the breaker when the token may
+    cost a /v2/auth: it may raise Deferred, so a brand that may not call costs no auth
+    call); `before_send` right before the request goes (the fence, breaker, pause and
+    window guard in one step: it may raise to stop it)."""
 
     def before_call(self) -> None: ...
 
@@ -107,16 +110,21 @@ class CloposClient:
             status = outcome.http_status if isinstance(outcome, CloposError) else outcome.status
             if self.on_response is not None:
                 self.on_response(brand, method, status, outcome.rate)
-            log.info(
-                kv(
-                    "clopos_call",
-                    brand=brand,
-                    receipt_id=receipt_id,
-                    method=method,
-                    status=status,
-                    outcome=outcome.kind if isinstance(outcome, CloposError) else "ok",
+            # Every call is in the receipt's audit trail; a failed one is logged at INFO,
+            # an answered one at DEBUG (the result's own line says it was fiscalised).
+            failed = isinstance(outcome, CloposError)
+            if log.isEnabledFor(logging.INFO if failed else logging.DEBUG):
+                log.log(
+                    logging.INFO if failed else logging.DEBUG,
+                    kv(
+                        "clopos_call",
+                        brand=brand,
+                        receipt_id=receipt_id,
+                        method=method,
+                        status=status,
+                        outcome=outcome.kind if failed else "ok",
+                    ),
                 )
-            )
             if isinstance(outcome, AuthError) and attempt == 1:
                 self.tokens.invalidate(brand, token)  # expired or revoked: one fresh token
                 continue

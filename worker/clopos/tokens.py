@@ -13,6 +13,10 @@
                processes fail fast instead of each spending the 60/min auth budget
     invalidate on any auth-class answer the caller drops the token it used (compare and
                delete: a newer token another process just fetched is kept)
+    in process a token read from Redis (or fetched) is used from the process's memory for
+               up to LOCAL_HOLD_SECONDS (and never past its refresh margin), so a call
+               costs no Redis read for it; a token deleted from Redis (an operator
+               switching tokens, another process's 401) is out of every process by then
 
 The token lives in Redis under keys.token(brand) with a TTL no longer than its life; the
 client_secret never reaches Redis.
@@ -43,6 +47,7 @@ REUSE_MARGIN_FRACTION = 0.10
 WAIT_SLACK_SECONDS = 5.0  # waiters wait this much longer than the refresh lock lives
 POLL_SECONDS = 0.05
 FAILURE_MEMORY_SECONDS = 10.0
+LOCAL_HOLD_SECONDS = 30.0  # a token read from Redis is used from memory this long at most
 
 
 def refresh_lock_seconds(connect_timeout: float, timeout: float) -> float:
@@ -80,8 +85,17 @@ class TokenProvider:
         self.sleep = sleep
         self._unlock = redis_client.register_script(scripts.load("tokens_unlock"))
         self._drop = redis_client.register_script(scripts.load("tokens_drop_if_current"))
+        # brand -> (the token this process uses, until when without asking Redis)
+        self._local: dict[str, tuple[Token, float]] = {}
+
+    def has(self, brand: str) -> bool:
+        """Whether this process holds a fresh token of the brand (a `get` costs nothing)."""
+        return self._held(brand) is not None
 
     def get(self, brand: str) -> str:
+        local = self._held(brand)
+        if local is not None:
+            return local.value
         deadline = self.clock() + self.wait_seconds
         while True:
             cached = self._cached(brand)
@@ -102,8 +116,22 @@ class TokenProvider:
             self.sleep(POLL_SECONDS)
 
     def invalidate(self, brand: str, token: str) -> None:
+        local = self._local.get(brand)
+        if local is not None and local[0].value == token:
+            self._local.pop(brand, None)
         if self._drop(keys=[keys.token(brand)], args=[token]):
             log.info(kv("token_invalidated", brand=brand))
+
+    def _held(self, brand: str) -> Token | None:
+        local = self._local.get(brand)
+        if local is None:
+            return None
+        token, until = local
+        now = self.clock()
+        return token if now < until and is_fresh(token, now) else None
+
+    def _hold(self, brand: str, token: Token) -> None:
+        self._local[brand] = (token, self.clock() + LOCAL_HOLD_SECONDS)
 
     def _cached(self, brand: str) -> Token | None:
         raw = self.redis.get(keys.token(brand))
@@ -117,6 +145,7 @@ class TokenProvider:
         if not is_fresh(token, self.clock()):
             return None
         register_secret(token.value)
+        self._hold(brand, token)
         return token
 
     def _refresh(self, brand: str) -> str:
@@ -147,6 +176,8 @@ class TokenProvider:
             pipe.delete(keys.token_auth_failure(brand))
         pipe.hincrby(keys.COUNTERS, telemetry.token_refresh("ok"), 1)
         pipe.execute()
+        if ttl > 0:
+            self._hold(brand, token)
         log.info(kv("token_refreshed", brand=brand, lifetime=int(token.lifetime)))
         return token.value
 

@@ -15,13 +15,22 @@ is included at most once per script, so two fragments may both include a third; 
 cycle is an error. That is the whole mechanism: no other line is rewritten.
 
     redis_client.register_script(scripts.load("store_admit"))
+
+On a pipeline a script goes as EVAL with its text (`queue`): redis-py would send SCRIPT
+EXISTS before every pipeline holding a registered script (a round trip), and an EVALSHA
+meeting NOSCRIPT inside MULTI would fail alone while the rest of the transaction ran.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
+from typing import Any
+
+from redis.client import Pipeline
+from redis.commands.core import Script
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _INCLUDE = re.compile(r"^-- #include (\S+)[ \t]*$", re.MULTILINE)
@@ -31,6 +40,24 @@ _INCLUDE = re.compile(r"^-- #include (\S+)[ \t]*$", re.MULTILINE)
 def load(name: str) -> str:
     """The text of `<name>.lua`, its `-- #include` lines expanded (read once, cached)."""
     return _expand(name, set(), ())
+
+
+def queue(pipe: Pipeline, script: Script, *, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue `script` on `pipe` as EVAL with its text (comment lines left out): no SCRIPT
+    EXISTS before the pipeline, no NOSCRIPT inside a transaction (Redis caches the compiled
+    script by its text's SHA)."""
+    pipe.execute_command("EVAL", compact(script.script), len(keys), *keys, *args)
+
+
+@cache
+def compact(text: str | bytes) -> str:
+    """A script's text without its comment-only and blank lines (what EVAL sends)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    lines = (
+        line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("--")
+    )
+    return "\n".join(lines) + "\n"
 
 
 def names() -> list[str]:

@@ -9,11 +9,13 @@
 local current = redis.call('HGET', KEYS[1], 'state')
 local keep = current == 'fiscalised' and ARGV[2] ~= 'fiscalised' and ARGV[3] == '0'
 local last_guarded = 4 + 2 * tonumber(ARGV[4])
+local fields = {}  -- one HSET of every field written
 if not keep then
-  redis.call('HSET', KEYS[1], 'state', ARGV[2])
-  for i = 5, last_guarded, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  fields[1], fields[2] = 'state', ARGV[2]
+  for i = 5, last_guarded do fields[#fields + 1] = ARGV[i] end
 end
-for i = last_guarded + 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = last_guarded + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
+if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return current

@@ -1,18 +1,21 @@
 -- idempotency_acquire: take a free receipt lock; or one that an older dispatch of the same
 -- result holds: that run is dead or superseded (its fence fails), and a request it may
 -- still have in flight carries this same result's fiscal id. Tokens are
--- `<rid>:<dispatch>:<random>`.
--- KEYS: [1] receipt lock.
+-- `<rid>:<dispatch>:<random>`. A receipt already fiscalised (its marker) is not locked:
+-- the marker is the answer.
+-- KEYS: [1] receipt lock, [2] fiscalised marker (same receipt).
 -- ARGV: [1] token, [2] ttl ms, [3] "<rid>:", [4] dispatch.
--- Returns 1 if taken, else 0.
+-- Returns {taken (1/0), the marker's fiscal id or ''}.
 
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local marked = redis.call('GET', KEYS[2])
+if marked then return {0, marked} end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, ''} end
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, #ARGV[3]) == ARGV[3] then
   local older = tonumber(string.match(string.sub(held, #ARGV[3] + 1), '^(%d+):'))
   if older and older < tonumber(ARGV[4]) then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 1
+    return {1, ''}
   end
 end
-return 0
+return {0, ''}

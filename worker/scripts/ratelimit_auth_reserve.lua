@@ -1,14 +1,23 @@
--- ratelimit_auth_reserve: the deployment's /v2/auth budget (AuthBudget.reserve). GCRA with
--- a burst tolerance: a call may go up to `tolerance` seconds ahead of the steady pace.
--- KEYS: [1] the auth TAT (global).
--- ARGV: [1] now, [2] step, [3] tolerance, [4] max_wait.
--- Returns {1, when it may go} (slot taken) or {0, when it could} (nothing taken).
+-- ratelimit_auth_reserve: the deployment's /v2/auth budget (AuthBudget.reserve): at most
+-- `cap` calls in any `window` seconds (the API counts a sliding minute per IP), booked in a
+-- log; a call that does not fit goes when the call `cap` places before it leaves the
+-- window (it is booked ahead, so the ones after it queue behind). Nothing goes before the
+-- hold (the API said the IP's minute is nearly used up).
+-- KEYS: [1] the auth call log (zset, global), [2] the auth hold (global).
+-- ARGV: [1] now, [2] window, [3] cap, [4] max_wait, [5] member (unique per call).
+-- Returns {1, when it may go} (booked) or {0, when it could} (nothing booked).
 
-local now, step, tol = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1])) or 0
-local base = math.max(tat, now)
-local go = math.max(now, base - tol)
+local now, window, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local go = now
+local n = redis.call('ZCARD', KEYS[1])
+if n >= cap then
+  local leaving = redis.call('ZRANGE', KEYS[1], n - cap, n - cap, 'WITHSCORES')
+  go = math.max(now, tonumber(leaving[2]) + window)
+end
+local hold = tonumber(redis.call('GET', KEYS[2]))
+if hold and hold > go then go = hold end
 if go - now > tonumber(ARGV[4]) then return {0, string.format('%.6f', go)} end
-local ms = math.ceil((base + step - now) * 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%.6f', base + step), 'PX', ms)
+redis.call('ZADD', KEYS[1], go, ARGV[5])
+redis.call('PEXPIRE', KEYS[1], math.ceil((go - now + window) * 1000))
 return {1, string.format('%.6f', go)}

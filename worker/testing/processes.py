@@ -219,12 +219,15 @@ def _quoted(value: str) -> str:
 
 
 class WorkerProcess:
-    """`celery -A worker.app worker` (prefork) in its own session (process group), its stdout
-    and stderr appended to `log_path`.
+    """`celery -A worker.app worker` in its own session (process group), its stdout and
+    stderr appended to `log_path`.
 
+    pool: Celery's execution pool, `prefork` (the default, as deployed), `threads` or `solo`.
     logfile_option: also pass `--logfile log_path`, which puts the log's directory on the
     worker's command line (and its pool children's), so a leftover is found by it.
     """
+
+    POOLS = ("prefork", "threads", "solo")
 
     def __init__(
         self,
@@ -236,7 +239,10 @@ class WorkerProcess:
         cwd: Path | None = None,
         logfile_option: bool = False,
         start_timeout: float = 30.0,
+        pool: str = "prefork",
     ) -> None:
+        if pool not in self.POOLS:
+            raise ValueError(f"pool must be one of {self.POOLS}, not {pool!r}")
         self.env = dict(env)
         self.log_path = log_path
         self.name = name
@@ -244,13 +250,14 @@ class WorkerProcess:
         self.cwd = cwd
         self.logfile_option = logfile_option
         self.start_timeout = start_timeout
+        self.pool = pool
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         """Start it and wait until it is ready (its service started, celery's " ready.")."""
         args = [
             sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-            "--pool", "prefork", "--concurrency", str(self.concurrency),
+            "--pool", self.pool, "--concurrency", str(self.concurrency),
             "--hostname", f"{self.name}@%h", "--loglevel", "INFO",
         ]  # fmt: skip
         if self.logfile_option:
