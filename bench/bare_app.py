@@ -25,16 +25,17 @@ from typing import Any
 import httpx
 from celery import Celery
 
+from worker import broker
+
 TASK_NAME = "bare.fiscalise"
 QUEUE = "bare"
 
 # These mirror worker/app.py (importing it would connect its signals and bootsteps to this
 # app's worker too); `drift()` compares them with every setting worker/app.py sets, and
 # bench/throughput.py refuses to measure if they differ. The broker transport is the
-# worker's too (worker/broker.py: kombu's, one Redis client per channel): a Celery-level
-# setting any app can use, so the comparison is of what runs on top of it.
+# worker's too (worker/broker.py: kombu's, one Redis client per channel, installed below):
+# what any Celery app can use, so the comparison is of what runs on top of it.
 MIRRORED = {
-    "broker_transport": "worker.broker:Transport",
     "broker_connection_retry_on_startup": True,
     "broker_transport_options": {"visibility_timeout": 3600},
     "task_serializer": "json",
@@ -61,6 +62,7 @@ NOT_MIRRORED = frozenset({"broker_url", "broker_use_ssl", "task_default_queue"})
 HTTP_TIMEOUT = httpx.Timeout(12.0, connect=5.0)
 HTTP_LIMITS = httpx.Limits(max_connections=20, max_keepalive_connections=10)
 
+broker.install()
 app = Celery("bare")
 app.conf.update(
     MIRRORED,

@@ -58,11 +58,10 @@ def broker_ssl(url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
+broker.install()  # kombu's Redis transport with one client per channel, not one per command
 app = Celery("fiscal-worker", include=["tasks.fiscalise"])
 app.conf.update(
     broker_url=_settings.redis_url.get_secret_value(),
-    # kombu's Redis transport with one client per channel, not one per command (CPU).
-    broker_transport=broker.transport_for(_settings.redis_url.get_secret_value()),
     broker_connection_retry_on_startup=True,
     broker_use_ssl=broker_ssl(_settings.redis_url.get_secret_value()),
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},

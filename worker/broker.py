@@ -1,4 +1,4 @@
-"""kombu's Redis transport, keeping one Redis client per channel (`broker_transport`).
+"""kombu's Redis transport, keeping one Redis client per channel (`install()`).
 
 kombu's channel builds a new `redis.Redis` client for every command it sends (a publish, an
 ack, an event), and redis-py builds its table of ~170 response callbacks in each: about
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 
 
@@ -38,7 +39,11 @@ class Transport(kombu_redis.Transport):
 TRANSPORT = f"{__name__}:Transport"
 
 
-def transport_for(url: str) -> str | None:
-    """The `broker_transport` setting for a broker URL: this transport for Redis URLs; None
-    (the URL's own) for anything else, e.g. memory:// in tests."""
-    return TRANSPORT if url.startswith(("redis://", "rediss://")) else None
+def install() -> None:
+    """Make this the transport of redis:// and rediss:// broker URLs in this process (kombu's
+    alias table; called where worker/app.py builds the app, before any connection). The
+    URL keeps its scheme, so everything that reads it back (Flower's broker page, Celery's
+    banner) sees a Redis broker; memory:// and others are left as they are."""
+    for scheme in ("redis", "rediss"):
+        kombu.transport.TRANSPORT_ALIASES[scheme] = TRANSPORT
+        kombu.transport._transport_cache.pop(scheme, None)
