@@ -274,7 +274,11 @@ class Fiscaliser:
         record = run.record
         gate = _RunGate(self, run)
         got = self.client.get_receipt(record.brand, record.receipt_id, record.venue_id, gate=gate)
-        self._after_call(run, got.rate, None, self._ok(record, "GET", got.status), defer=True)
+        # The GET's record rides with the PATCH's gate, unless its answer says the window is
+        # more than half used: what that teaches the budget (others' use) goes at once.
+        self._after_call(
+            run, got.rate, None, self._ok(record, "GET", got.status), defer=self._roomy(got.rate)
+        )
         receipt = got.data.get("data")
         if not isinstance(receipt, dict):
             raise TransientError("GET answered without a receipt object", http_status=got.status)
@@ -715,6 +719,13 @@ class Fiscaliser:
             with contextlib.suppress(ValueError):
                 printed_at = parse_rfc3339(printed).timestamp()
                 telemetry.observe_latency(pipe, Since.PRINTED, now - printed_at)
+
+    def _roomy(self, rate: RateLimitInfo) -> bool:
+        """Whether an answer's RateLimit-Remaining leaves more than half the window."""
+        if rate.remaining is None:
+            return True
+        limit = min(self.budget.policy.limit, rate.limit or self.budget.policy.limit)
+        return rate.remaining > limit / 2
 
     @staticmethod
     def _ok(record: ResultRecord, call: str, status: int) -> Attempt:
