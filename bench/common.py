@@ -353,3 +353,25 @@ class Stack:
         dead = self.redis.zcard(keys.DLQ_INDEX)
         if scheduled or dead:
             raise Incorrect(f"{scheduled} results still scheduled, {dead} dead-lettered")
+
+
+# --- plots (matplotlib: the `bench` extra, imported only when a plot is drawn) -----------
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plot(fig: Any, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` (its folder made) and let it go."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path

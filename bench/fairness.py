@@ -43,6 +43,8 @@ from bench.common import (
     Stack,
     check_landed,
     patch_counts,
+    pyplot,
+    save_plot,
     stored_receipts,
     summary,
 )
@@ -182,12 +184,8 @@ def measure(
 
 
 def plot(result: dict[str, Any], path: Path = PLOT_PATH) -> Path:
-    """B's delay over time (the `series`), as a PNG (matplotlib, imported only here)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """B's delay over time (the `series`), as a PNG."""
+    plt = pyplot()
     xs, ys = zip(*result["series"], strict=True)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(xs, ys, marker=".", linewidth=1, label="brand B: entry -> PATCH")
@@ -198,11 +196,7 @@ def plot(result: dict[str, Any], path: Path = PLOT_PATH) -> Path:
     ax.legend(loc="upper right")
     backlog = result.get("details", {}).get("a_backlog", BACKLOG)
     ax.set_title(f"Fairness: brand B's 1 result/s beside brand A's {backlog:,}-result backlog")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path)
 
 
 def main() -> int:

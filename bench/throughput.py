@@ -50,6 +50,8 @@ from bench.common import (
     Stack,
     check_landed,
     patch_counts,
+    pyplot,
+    save_plot,
     stored_receipts,
     summary,
 )
@@ -270,18 +272,9 @@ def measure_scale_out(runs: int = 3, quick: bool = False) -> dict[str, Any]:
     }
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(result: dict[str, Any], path: Path) -> Path:
     """Results/s of fiscal-worker and bare Celery per row (median, min-max whiskers)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = result["details"]["rows"]
     fig, ax = plt.subplots(figsize=(7, 3.4))
     width = 0.38
@@ -303,16 +296,12 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("results / s")
     ax.set_title(f"Throughput against bare Celery (ratio above each pair; target {TARGET})")
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path)
 
 
 def plot_scale_out(result: dict[str, Any], path: Path) -> Path:
     """fiscal-worker results/s against worker processes (median, min-max band)."""
-    plt = _pyplot()
+    plt = pyplot()
     series = result["series"]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.plot(series["processes"], series["median"], marker="o", label="median of the runs")
@@ -323,11 +312,7 @@ def plot_scale_out(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.set_title(f"Scale-out on {os.cpu_count()} cores, API at 0 ms")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path)
 
 
 def main() -> int:

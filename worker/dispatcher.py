@@ -29,7 +29,7 @@ import redis
 
 from worker import keys, telemetry
 from worker.dlq import DeadLetterStore, Reason
-from worker.logs import kv
+from worker.logs import describe, kv
 from worker.store import Claimed, ResultStore
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,6 @@ def publish_all(
         log.warning(kv(f"{what}_publish_failed", count=len(items), error=describe(exc)))
         return [], exc
     return published, failed
-
-
-def describe(exc: BaseException) -> str:
-    """`Class: message` on one line, short enough for a log line or a dead letter."""
-    text = " ".join(f"{exc.__class__.__name__}: {exc}".split())
-    return text[:300]
 
 
 ORPHAN_ERROR = (

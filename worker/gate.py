@@ -155,9 +155,6 @@ class RequestGate:
     ) -> tuple[list[str], list[object]]:
         rate = answered.rate
         remaining = "" if rate is None or rate.remaining is None else str(rate.remaining)
-        limit = self.rate.limit
-        if rate is not None and rate.limit:
-            limit = min(limit, rate.limit)
         brand, ok = answered.brand, answered.ok
         script_keys = [
             keys.rate_calls(brand),
@@ -168,7 +165,7 @@ class RequestGate:
         args: list[object] = [
             repr(answered.sent),
             repr(self.rate.window),
-            limit,
+            self.rate.limit_for(rate),
             remaining,
             "" if ok is None else ("1" if ok else "0"),
             repr(answered.now),

@@ -45,10 +45,10 @@ import redis
 
 from worker import keys, scripts, telemetry
 from worker.audit import AuditTrail
-from worker.dispatcher import Publish, PublishBatch, describe, publish_all
+from worker.dispatcher import Publish, PublishBatch, publish_all
 from worker.dlq import DeadLetterStore, Reason
 from worker.ingest_format import MAX_ENTRY_BYTES, FiscalResult, InvalidMessage, parse_entry
-from worker.logs import kv
+from worker.logs import describe, kv
 from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -452,7 +452,7 @@ class IngestConsumer:
         """The audit records of the results just created, in one round trip. Best effort: a
         recorded result does not wait for its audit record (keeping the entry would not help)."""
         pipe = self.store.redis.pipeline(transaction=False)
-        rids = []
+        queued = 0
         for (entry, result), is_new in zip(accepted, outcomes, strict=True):
             if is_new is not True:
                 continue
@@ -471,13 +471,13 @@ class IngestConsumer:
             except Exception as exc:  # this entry's record only; the others' go on
                 log.warning(kv("audit_record_failed", rid=entry.entry_id, error=describe(exc)))
                 continue
-            rids.append(entry.entry_id)
-        if not rids:
+            queued += 1
+        if not queued:
             return
         try:
             replies = pipe.execute(raise_on_error=False)
         except Exception as exc:
-            log.warning(kv("audit_record_failed", count=len(rids), error=describe(exc)))
+            log.warning(kv("audit_record_failed", count=queued, error=describe(exc)))
             return
         failed = [reply for reply in replies if isinstance(reply, Exception)]
         if failed:

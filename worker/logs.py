@@ -75,6 +75,12 @@ def kv(event: str, **fields: object) -> str:
     return " ".join(parts)
 
 
+def describe(exc: BaseException) -> str:
+    """`Class: message` on one line, short enough for a log line or a dead letter."""
+    text = " ".join(f"{exc.__class__.__name__}: {exc}".split())
+    return text[:300]
+
+
 def install_redaction(logger: logging.Logger | None = None) -> None:
     """Attach the redacting filter to every handler of `logger` (root by default)."""
     target = logger or logging.getLogger()

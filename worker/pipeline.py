@@ -171,19 +171,20 @@ class Fiscaliser:
 
     # --- the path of one result -------------------------------------------------------------
     def run(self, rid: str, dispatch: int) -> Outcome:
-        begun = self.store.begin(rid, dispatch, self.clock())
+        began = self.clock()
+        begun = self.store.begin(rid, dispatch, began)
         if isinstance(begun, Begin):
             detail = "finished already" if begun is Begin.GONE else "superseded"
             return Outcome(Kind(begun.value), detail)
         try:
             if isinstance(begun, Damaged):
                 return self._dead_letter_damaged(begun)
-            return self._run(begun)
+            return self._run(begun, leased_until=began + self.store.run_lease)
         except Superseded:
             # Our lease lapsed and the result was published again: that run owns it now.
             return Outcome(Kind.STALE, "lease lapsed; a newer dispatch runs it")
 
-    def _run(self, record: ResultRecord) -> Outcome:
+    def _run(self, record: ResultRecord, *, leased_until: float) -> Outcome:
         if self.clock() >= record.deadline:
             error = f"deadline reached ({to_rfc3339(record.deadline)}); last error: "
             return self._dead_letter(
@@ -214,8 +215,7 @@ class Fiscaliser:
                 RetryClass.RECEIPT_BUSY,
                 counted=False,
             )
-        # `begin` leased the result run_lease from its start, a moment ago
-        run = _Run(record, lock, leased_until=self.clock() + self.store.run_lease - 1.0)
+        run = _Run(record, lock, leased_until=leased_until)  # as `begin` leased it
         try:
             return self._apply(run)
         except Deferred as deferred:
@@ -314,14 +314,10 @@ class Fiscaliser:
                 raise Deferred(
                     blocked + random.uniform(0, GUARD_SPREAD_SECONDS), "failed-call guard"
                 )
-        try:
-            if not self.tokens.has(brand):
-                self._record_answered(run)  # a probe's success first: it closes the circuit
-                self._may_authenticate(run)
-            self._await_slot(run)
-        except Deferred:
-            self._drop_probe(run)
-            raise
+        if not self.tokens.has(brand):
+            self._record_answered(run)  # a probe's success first: it closes the circuit
+            self._may_authenticate(run)
+        self._await_slot(run)  # a Deferred leaves a probe taken to the run's end
 
     def _may_authenticate(self, run: _Run) -> None:
         brand = run.record.brand
@@ -374,13 +370,9 @@ class Fiscaliser:
                 break
             at = verdict.at if verdict.at is not None else now + 1
             if verdict.verdict == "full" and at - now <= self.budget.policy.short_wait:
-                try:
-                    self._wait(run, at - now)
-                except Superseded:
-                    self._drop_probe(run)
-                    raise
+                self._wait(run, at - now)
                 continue
-            self._drop_probe(run)
+            self._drop_probe(run)  # not this call (a lock regained re-reads, unprobed)
             if verdict.verdict == "superseded":
                 raise Superseded
             if verdict.verdict == "lock_lost":
@@ -592,7 +584,6 @@ class Fiscaliser:
                 pipe.hincrby(
                     keys.COUNTERS, telemetry.wait_ms(waited[0]), telemetry.millis(waited[1])
                 )
-            telemetry.drain(pipe)
         log.info(
             kv(
                 "result_parked",
@@ -631,7 +622,6 @@ class Fiscaliser:
                 self._observe_latency(record, pipe)
             if run is not None and not run.keep_lock:
                 run.lock.release(pipeline=pipe)
-            telemetry.drain(pipe)
         if run is not None:
             run.released = True
         log.info(
@@ -676,7 +666,6 @@ class Fiscaliser:
             )
             self.store.forget(record.rid, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(reason), 1)
-            telemetry.drain(pipe)
         log.warning(
             kv(
                 "result_dead_lettered",
@@ -722,10 +711,7 @@ class Fiscaliser:
 
     def _roomy(self, rate: RateLimitInfo) -> bool:
         """Whether an answer's RateLimit-Remaining leaves more than half the window."""
-        if rate.remaining is None:
-            return True
-        limit = min(self.budget.policy.limit, rate.limit or self.budget.policy.limit)
-        return rate.remaining > limit / 2
+        return rate.remaining is None or rate.remaining > self.budget.policy.limit_for(rate) / 2
 
     @staticmethod
     def _ok(record: ResultRecord, call: str, status: int) -> Attempt:

@@ -77,6 +77,13 @@ class RatePolicy:
     lead: float = LEAD_SECONDS
     short_wait: float = SHORT_WAIT_SECONDS
 
+    def limit_for(self, rate: RateLimitInfo | None) -> int:
+        """The limit an answer's RateLimit-Remaining counts down from: ours, or the API's
+        RateLimit-Limit if that is lower."""
+        if rate is not None and rate.limit:
+            return min(self.limit, rate.limit)
+        return self.limit
+
     def lua_args(self) -> list[str]:
         """limit, window, margin, as ratelimit_reserve and store_admit take them."""
         return [str(self.limit), repr(self.window), repr(self.margin)]
@@ -145,10 +152,14 @@ class BrandBudget:
         """After a response to the call taken at `sent`: learn others' use of the budget."""
         if rate.remaining is None:
             return
-        limit = min(self.policy.limit, rate.limit) if rate.limit else self.policy.limit
         self._observe(
             keys=[keys.rate_calls(brand), keys.rate_others(brand)],
-            args=[repr(sent), repr(self.policy.window), limit, rate.remaining],
+            args=[
+                repr(sent),
+                repr(self.policy.window),
+                self.policy.limit_for(rate),
+                rate.remaining,
+            ],
         )
 
     def snapshot(self, brand: str) -> dict[str, float | int | None]:

@@ -44,7 +44,7 @@ from typing import Any
 
 import redis
 
-from worker import keys, scripts
+from worker import keys, scripts, telemetry
 from worker.idempotency import ReceiptLock
 from worker.ratelimit import CALLS_PER_RESULT, RatePolicy, reserve_keys
 from worker.retry import TRANSIENT_WINDOW_SECONDS
@@ -437,6 +437,7 @@ class ResultStore:
                     raise Superseded
                 pipe.multi()
                 yield pipe
+                telemetry.drain(pipe)  # the process's buffered counts ride along
                 pipe.execute()
             except redis.WatchError:
                 raise Superseded from None

@@ -113,9 +113,10 @@ class CloposClient:
             # Every call is in the receipt's audit trail; a failed one is logged at INFO,
             # an answered one at DEBUG (the result's own line says it was fiscalised).
             failed = isinstance(outcome, CloposError)
-            if log.isEnabledFor(logging.INFO if failed else logging.DEBUG):
+            level = logging.INFO if failed else logging.DEBUG
+            if log.isEnabledFor(level):  # kv() is not built for a line nobody logs
                 log.log(
-                    logging.INFO if failed else logging.DEBUG,
+                    level,
                     kv(
                         "clopos_call",
                         brand=brand,

@@ -16,9 +16,10 @@
 
 -- #include breaker_allow_fn.lua
 -- #include ratelimit_take_fn.lua
+-- #include store_fence_fn.lua
 
-if redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[3] then return {'superseded', ARGV[7], ''} end
-if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {'lock_lost', ARGV[7], ''} end
+local fenced = fence_check(KEYS[1], KEYS[3], ARGV[4], ARGV[3])
+if fenced ~= 'ok' then return {fenced, ARGV[7], ''} end
 local now = tonumber(ARGV[1])
 local probe = ARGV[7]
 if probe ~= '1' then
@@ -30,6 +31,5 @@ local paused = tonumber(redis.call('GET', KEYS[6]))
 if paused and paused > now then return {'paused', probe, redis.call('GET', KEYS[6])} end
 local ok, free_at = take(KEYS[7], KEYS[8], now, tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12])
 if not ok then return {'full', probe, free_at} end
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
-redis.call('ZADD', KEYS[2], 'XX', ARGV[6], ARGV[2])
+fence_extend(KEYS[3], ARGV[5], KEYS[2], ARGV[2], ARGV[6])
 return {'ok', probe, ARGV[1]}

@@ -5,8 +5,7 @@
 -- ARGV: [1] lock token, [2] lock ms, [3] rid, [4] dispatch, [5] lease-until.
 -- Returns 'ok', 'superseded' or 'lock_lost'.
 
-if redis.call('HGET', KEYS[2], 'dispatch') ~= ARGV[4] then return 'superseded' end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lock_lost' end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[3], 'XX', ARGV[5], ARGV[3])
-return 'ok'
+-- #include store_fence_fn.lua
+local fenced = fence_check(KEYS[2], KEYS[1], ARGV[1], ARGV[4])
+if fenced == 'ok' then fence_extend(KEYS[1], ARGV[2], KEYS[3], ARGV[3], ARGV[5]) end
+return fenced
