@@ -116,10 +116,8 @@ def fill_dlq(r: redis.Redis, entries: int) -> None:
                     "result": fields["result"],
                     "result_id": fields["rid"],
                 }
-                script_keys, args = dlq._removal(entry_id, entry)
-                store._add_script(
-                    keys=script_keys, args=[*args, str(seq), dlq._dumps(entry)], client=pipe
-                )
+                script_keys, args = dlq._addition(entry_id, entry, seq, dlq._dumps(entry))
+                store._add_script(keys=script_keys, args=args, client=pipe)
             pipe.execute()
     reference, copy = store.get("dl-1"), store.get(f"dl-{first}")
     if reference is None or copy is None or set(reference) != set(copy):

@@ -29,10 +29,10 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -71,6 +71,14 @@ WARN_BYTES = 1024**3  # or past this much entry JSON
 OVER_BOUND_WARNING_SECONDS = 60.0  # `dlq_over_bound` is logged at most this often
 
 ID_PATTERN = re.compile(r"dl-[1-9][0-9]*")
+HEAD_BYTES = 16 * 1024  # an entry's fields before its payload fit in this (see `heads`)
+HEAD_CHUNK = 200  # entries read per round trip by a filtered page or a bulk selection
+SCAN_LIMIT = 5_000  # a filtered page reads at most this many entries, then says `partial`
+_PAYLOAD_MARKER = ',"payload":'
+_NOT_IN_HEAD = frozenset(
+    ("payload", "payload_truncated", "payload_bytes", "payload_sha256", "payload_encoding",
+     "result", "result_id")
+)  # fmt: skip
 
 # Scripts (worker/scripts/dlq_*.lua): dlq_add (an entry with its index memberships, counts
 # and size, unless its result id has one already), dlq_remove and dlq_replay (XADD its
@@ -79,6 +87,62 @@ ID_PATTERN = re.compile(r"dl-[1-9][0-9]*")
 # When this process last logged `dlq_over_bound` (time.monotonic()).
 _last_over_bound_warning = float("-inf")
 _over_bound_lock = threading.Lock()
+
+
+class Selection:
+    """Which entries a console page or bulk action means: a reason, a brand ('' = messages
+    whose brand was unreadable), a receipt id, and a time range on `last_seen` (since
+    inclusive, until exclusive). The first two walk an index; the others are checked per
+    entry."""
+
+    __slots__ = ("brand", "reason", "receipt_id", "since", "until")
+
+    def __init__(
+        self,
+        *,
+        reason: str | None = None,
+        brand: str | None = None,
+        receipt_id: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> None:
+        if reason is not None and reason not in REASONS:
+            raise ValueError(f"unknown dead-letter reason {reason!r}")
+        self.reason, self.brand, self.receipt_id = reason, brand, receipt_id
+        self.since, self.until = since, until
+
+    @property
+    def post_filtered(self) -> bool:
+        return self.receipt_id is not None or self.since is not None or self.until is not None
+
+    def accepts(self, head: dict[str, Any]) -> bool:
+        if self.receipt_id is not None and head.get("receipt_id") != self.receipt_id:
+            return False
+        if self.since is None and self.until is None:
+            return True
+        seen = _parse_time(head.get("last_seen"))
+        if seen is None:
+            return False
+        return (self.since is None or seen >= self.since) and (
+            self.until is None or seen < self.until
+        )
+
+
+class Page(NamedTuple):
+    """A page of `DeadLetterStore.page`: its entries (heads), the seq to go on below (None:
+    no more), whether it stopped at the scan limit, and how many entries it read."""
+
+    entries: list[dict[str, Any]]
+    next_before: int | None
+    partial: bool
+    scanned: int
+
+
+class Replayed(NamedTuple):
+    """`replay_many`'s outcome: [{"id", "stream_id"}] and [{"id", "error"}]."""
+
+    replayed: list[dict[str, str]]
+    refused: list[dict[str, str]]
 
 
 class ReplayError(Exception):
@@ -184,8 +248,7 @@ class DeadLetterStore:
             "result_id": entry_rid,
         }
         text = _dumps(entry)
-        script_keys, args = _removal(entry_id, entry)
-        args = [*args, str(seq), text]
+        script_keys, args = _addition(entry_id, entry, seq, text)
         if pipeline is not None:
             outcome = self._add_script(keys=script_keys, args=args, client=pipeline)
             if outcome is pipeline:  # queued (a pipeline that is WATCHing runs it now)
@@ -400,7 +463,124 @@ class DeadLetterStore:
             "over_bound": total >= self.warn_entries or size >= self.warn_bytes,
         }
 
+    # --- the console's views: filtered pages, bulk selections, the trend ---------------
+
+    def page(self, selection: Selection, *, before: int | None = None, limit: int = 50) -> Page:
+        """One page of entries matching `selection`, newest first, below seq `before`.
+
+        Entries are read without their payload (`heads`). The reason and brand filters walk
+        an index; the receipt id and time range are checked on each entry's head, reading at
+        most SCAN_LIMIT of them per page: a page that stops there is `partial`, and its
+        `next_before` goes on from where it stopped.
+        """
+        walk = self._indexes(selection.reason, selection.brand)
+        if walk is None or limit <= 0:
+            return Page([], None, False, 0)
+        primary, other = walk
+        found: list[dict[str, Any]] = []
+        scanned = 0
+        high = "+inf" if before is None else f"({before}"
+        chunk = limit if other is None and not selection.post_filtered else HEAD_CHUNK
+        while True:
+            page = self.redis.zrevrangebyscore(
+                primary, high, "-inf", start=0, num=chunk, withscores=True
+            )
+            if not page:
+                return Page(found, None, False, scanned)
+            ids = [(_text(member), int(score)) for member, score in page]
+            scanned += len(ids)
+            if other is not None:
+                ids = self._also_in(other, ids)
+            for (_, seq), head in zip(ids, self.heads([i for i, _ in ids]), strict=True):
+                if head is not None and selection.accepts(head):
+                    found.append(head)
+                    if len(found) == limit:
+                        return Page(found, seq, False, scanned)
+            last = int(page[-1][1])
+            if scanned >= SCAN_LIMIT:
+                return Page(found, last, True, scanned)
+            high = f"({last}"
+
+    def selected_ids(self, selection: Selection, *, upto: int) -> Iterator[str]:
+        """Ids matching `selection` with seq <= `upto`, oldest first, read in pages: what a
+        bulk replay or purge confirmed at `upto` (entries added later are not touched)."""
+        walk = self._indexes(selection.reason, selection.brand)
+        if walk is None:
+            return
+        for batch in _batched(self._scan(*walk, newest_first=False, upper=upto), HEAD_CHUNK):
+            if not selection.post_filtered:
+                yield from batch
+                continue
+            for entry_id, head in zip(batch, self.heads(batch), strict=True):
+                if head is not None and selection.accepts(head):
+                    yield entry_id
+
+    def count_selected(self, selection: Selection, *, upto: int) -> int:
+        """How many entries `selected_ids` would yield (the count a confirmation names)."""
+        if not selection.post_filtered and (selection.reason is None or selection.brand is None):
+            walk = self._indexes(selection.reason, selection.brand)
+            return 0 if walk is None else int(self.redis.zcount(walk[0], "-inf", upto))
+        return sum(1 for _ in self.selected_ids(selection, upto=upto))
+
+    def newest_seq(self) -> int:
+        """The seq of the newest entry in the store (0: empty): a bulk action's `upto`."""
+        top = self.redis.zrevrange(keys.DLQ_INDEX, 0, 0, withscores=True)
+        return int(top[0][1]) if top else 0
+
+    def replay_many(self, entry_ids: Iterable[str], *, stream: str) -> Replayed:
+        """`replay` each entry; those that cannot go through again are refused and stay."""
+        outcome = Replayed([], [])
+        for entry_id in entry_ids:
+            try:
+                stream_id = self.replay(entry_id, stream=stream)
+            except ReplayError as exc:
+                outcome.refused.append({"id": entry_id, "error": str(exc)})
+                continue
+            if stream_id is not None:  # None: removed meanwhile by someone else
+                outcome.replayed.append({"id": entry_id, "stream_id": stream_id})
+        return outcome
+
+    def remove_many(self, entry_ids: Iterable[str]) -> list[str]:
+        """Remove these entries (those still there); returns the ids removed."""
+        valid = (entry_id for entry_id in entry_ids if ID_PATTERN.fullmatch(entry_id))
+        return [str(entry.get("id")) for batch in _batched(valid, PAGE)
+                for entry in self._remove_many(batch)]  # fmt: skip
+
+    def heads(self, entry_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Entries without their payload and result (None: not there), in one round trip.
+
+        Reads only the first HEAD_BYTES of each: every field before `payload` is bounded
+        (`add` cuts them), so a 1 MiB payload costs a list page nothing.
+        """
+        if not entry_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.getrange(keys.dlq_entry(entry_id), 0, HEAD_BYTES - 1)
+            raws = pipe.execute()
+        heads = [_head(raw) for raw in raws]
+        missing = [i for i, (raw, head) in enumerate(zip(raws, heads, strict=True))
+                   if raw and head is None]  # fmt: skip
+        if missing:  # no payload marker in the first bytes (an older layout): read it whole
+            for index, entry in zip(missing, self._load_many(
+                    [entry_ids[i] for i in missing]), strict=False):  # fmt: skip
+                heads[index] = _without_payload(entry)
+        return heads
+
+    def trend(self, hours: int = 24, *, now: float | None = None) -> list[int]:
+        """Entries added in each of the last `hours` hours, oldest first (this hour last)."""
+        current = int((time.time() if now is None else now) // 3600)
+        fields = [str(current - back) for back in range(hours - 1, -1, -1)]
+        return [_counter(value) for value in self.redis.hmget(keys.DLQ_HOURLY, fields)]
+
     # --- helpers -----------------------------------------------------------------------
+
+    def _also_in(self, other: str, ids: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in ids:
+                pipe.zscore(other, entry_id)
+            scores = pipe.execute()
+        return [pair for pair, score in zip(ids, scores, strict=True) if score is not None]
 
     def _indexes(self, reason: str | None, brand: str | None) -> tuple[str, str | None] | None:
         """(zset to walk, zset to intersect with or None); None when nothing can match."""
@@ -421,12 +601,16 @@ class DeadLetterStore:
             reason_size, brand_size = pipe.execute()
         return (by_reason, by_brand) if reason_size <= brand_size else (by_brand, by_reason)
 
-    def _scan(self, primary: str, other: str | None, *, newest_first: bool) -> Iterator[str]:
-        """Ids of `primary` (also in `other`) by score, in pages, up to today's newest."""
-        top = self.redis.zrevrange(primary, 0, 0, withscores=True)
-        if not top:
-            return
-        upper = int(top[0][1])
+    def _scan(
+        self, primary: str, other: str | None, *, newest_first: bool, upper: int | None = None
+    ) -> Iterator[str]:
+        """Ids of `primary` (also in `other`) by score, in pages, up to `upper` (default:
+        today's newest)."""
+        if upper is None:
+            top = self.redis.zrevrange(primary, 0, 0, withscores=True)
+            if not top:
+                return
+            upper = int(top[0][1])
         cursor: int | None = None
         while True:
             if newest_first:
@@ -460,6 +644,36 @@ class DeadLetterStore:
 
 
 # --- pure helpers ----------------------------------------------------------------------
+
+
+def _head(raw: str | bytes | None) -> dict[str, Any] | None:
+    """An entry's fields before `payload`, from the first bytes of its JSON; None when the
+    payload's marker is not among them. `,"payload":` cannot occur inside a JSON string (its
+    quotes would be escaped), and every field before it is a scalar, so its first
+    occurrence is the field's own."""
+    if not raw:
+        return None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    cut = text.find(_PAYLOAD_MARKER)
+    if cut < 0:
+        return None
+    return _loads(text[:cut] + "}")
+
+
+def _without_payload(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    return {name: value for name, value in entry.items() if name not in _NOT_IN_HEAD}
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _payload_fields(payload: str | bytes) -> dict[str, Any]:
@@ -517,6 +731,15 @@ def _removal(entry_id: str, entry: dict[str, Any] | None) -> tuple[list[str], li
     if isinstance(rid, str):
         script_keys.append(keys.dlq_by_result(rid))
     return script_keys, [entry_id, f"reason:{reason}", f"brand:{brand_key}"]
+
+
+def _addition(
+    entry_id: str, entry: dict[str, Any], seq: int, text: str
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of dlq_add for one entry: the removal's, the hourly count, the entry."""
+    script_keys, args = _removal(entry_id, entry)
+    hour = int(time.time() // 3600)
+    return [*script_keys, keys.DLQ_HOURLY], [*args, str(seq), text, str(hour)]
 
 
 def _brand_key(brand: Any) -> str:

@@ -14,6 +14,7 @@ marker         a duplicate costs no API call while it lives; after it expires th
 from __future__ import annotations
 
 import secrets
+import time
 
 import redis
 
@@ -101,3 +102,4 @@ class FiscalisedMarkers:
     ) -> None:
         """Queue on the caller's `pipeline`: the receipt is fiscalised with `fiscal_id`."""
         pipeline.set(keys.fiscalised(brand, receipt_id), fiscal_id, ex=self.ttl_seconds)
+        pipeline.set(keys.last_success(brand), repr(time.time()), ex=keys.BRAND_REGISTRY_SECONDS)

@@ -104,6 +104,12 @@ def token_auth_failure(brand: str) -> str:
 # The brand's rate-budget keys (worker/ratelimit.py).
 
 
+def last_success(brand: str) -> str:
+    """string: unix time of the brand's last fiscalised result, for the console; lapses
+    BRAND_REGISTRY_SECONDS after it (set again with each success)."""
+    return f"{_brand(brand)}:last-success"
+
+
 def rate_tat(brand: str) -> str:
     """string: the brand's next free call slot (unix s); TTL = until it + one window."""
     return f"{_brand(brand)}:rate:tat"
@@ -222,6 +228,9 @@ DLQ_COUNTS = f"{PREFIX}:dlq:counts"  # hash reason:<r> / brand:<b> -> count
 # string counter: total bytes of the stored entry JSON strings (sum of their STRLEN);
 # changed with every add and removal in the same script, never negative (deleted at 0).
 DLQ_BYTES = f"{PREFIX}:dlq:bytes"
+# hash: hour (unix time // 3600) -> entries added in it; the console's trend. Bounded: hours
+# older than two days are deleted by dlq_add.
+DLQ_HOURLY = f"{PREFIX}:dlq:hourly"
 DLQ_PATTERN = f"{PREFIX}:dlq:*"  # scan pattern: every dead-letter key
 
 _RID_IN_KEY = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
@@ -268,6 +277,25 @@ COUNTERS = f"{PREFIX}:counters"
 # hash: "<since>:<bucket>" / "<since>:sum" -> value; the end-to-end latency
 # histogram (worker/telemetry.py). Fixed fields: bounded by the buckets.
 LATENCY = f"{PREFIX}:latency"
+
+# stream: the operator log, one entry per replay or purge (who, when, what, how many), from
+# the console and the CLI alike (worker/oplog.py). Bounded: trimmed to about OPLOG_MAXLEN.
+OPLOG = f"{PREFIX}:oplog"
+OPLOG_MAXLEN = 100_000
+
+# The operator's console (worker/web/). A session, under the SHA-256 of its cookie (so the
+# cookie itself is never in Redis): a hash that lapses when unused for the session's
+# lifetime. Failed logins, per user and per client address: a counter with a short TTL.
+WEB_PREFIX = f"{PREFIX}:web"
+
+
+def web_session(digest: str) -> str:
+    return f"{WEB_PREFIX}:session:{digest}"
+
+
+def web_login_failures(digest: str) -> str:
+    return f"{WEB_PREFIX}:login-failures:{digest}"
+
 
 # zset: brand -> the last time a worker that has its credentials beat (unix s). The brands
 # the exporter reports, without scanning the keyspace; bounded by the brands configured in

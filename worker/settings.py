@@ -110,6 +110,14 @@ class Settings(BaseSettings):
     # to start on one unless this says the operator accepts it (loud warning, metric).
     allow_evicting_redis: bool = False
     log_level: str = "INFO"
+    # The operator's console (`fiscal-worker web`, worker/web/): its users (a JSON file of
+    # hashed passwords and roles, made with `fiscal-worker web-user`), or one password for a
+    # single operator `admin`; how long an unused session lives; the proxies whose
+    # X-Forwarded-Proto / -For it trusts (so cookies are Secure behind a TLS ingress).
+    web_users_file: Path | None = None
+    web_password: SecretStr | None = None
+    web_session_seconds: float = Field(8 * 3600, ge=60)
+    web_forwarded_allow_ips: str = "127.0.0.1"
 
     @field_validator("redis_url")
     @classmethod

@@ -3,7 +3,6 @@ and the real entry point in a subprocess for the failure paths."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import socket
@@ -481,31 +480,7 @@ def test_demo_exit_status_is_run_demos(monkeypatch: pytest.MonkeyPatch, code: in
     assert run("demo").exit_code == code
 
 
-DEMO_EXTRA = (
-    "needs the [demo] extra (starlette, uvicorn, fakeredis): pip install 'fiscal-worker[demo]'"
-)
-
-
-@pytest.mark.parametrize("package", ["starlette", "uvicorn"])
-@pytest.mark.parametrize(
-    ("command", "module", "what"),
-    [("demo", "worker.demo", "the demo"), ("fake-clopos", "worker.fake_clopos", "fake-clopos")],
-)
-def test_a_missing_demo_extra_is_one_line(
-    monkeypatch: pytest.MonkeyPatch, command: str, module: str, what: str, package: str
-) -> None:
-    # As in an install without the extra: nothing cached (a cached `starlette.routing` would
-    # import without its parent), and the package itself blocked (None: `import` fails).
-    for name in list(sys.modules):
-        if name.startswith(("worker.demo", "worker.fake_clopos", f"{package}.")):
-            monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, package, None)
-    with pytest.raises(ModuleNotFoundError):  # else the command would start the real thing
-        importlib.import_module(module)
-    result = run(command)
-    assert result.exit_code == 1
-    assert one_line(result.stderr) == f"error: {what} {DEMO_EXTRA}"
-    assert result.stdout == ""
+DEMO_EXTRA = "needs the [demo] extra (fakeredis): pip install 'fiscal-worker[demo]'"
 
 
 @pytest.mark.parametrize(

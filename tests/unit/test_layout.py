@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).resolve().parents[2] / "worker"
-TOOLING = ("worker.cli", "worker.demo", "worker.fake_clopos", "worker.testing")
-DEMO_EXTRA = ("starlette", "uvicorn", "fakeredis")
+TOOLING = ("worker.cli", "worker.demo", "worker.fake_clopos", "worker.testing", "worker.web")
+DEMO_EXTRA = ("fakeredis",)  # starlette and uvicorn: the console needs them too
 # What the Clopos family may use: the vocabulary and the plumbing, never the pipeline.
 CLOPOS_MAY_USE = ("worker.clopos", "worker.errors", "worker.logs", "worker.settings",
                   "worker.keys", "worker.scripts", "worker.ratelimit",

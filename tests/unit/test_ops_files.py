@@ -1,7 +1,8 @@
 """What operators deploy (Dockerfile, docker-compose.yml, .env.example, ops/k8s) agrees with
 the code: the grace period covers a task's hard limit, the probes are the documented ones,
 Redis never evicts, KEDA watches the real queue, stream and group, every FISCAL_* variable is
-a real setting and no secret sits in a ConfigMap. Static reads of the files; ops/validate runs
+a real setting, no secret sits in a ConfigMap and the operator console always asks for a
+login. Static reads of the files; ops/validate runs
 the schema validators (hadolint, compose, kubernetes-validate, check-jsonschema, yamllint)."""
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ HEALTH_LIVE = ["python", "-m", "worker.health", "live"]
 HEALTH_READY = ["python", "-m", "worker.health", "ready"]
 EXPORTER_ARGS = ["metrics", "--serve", "9808", "--host", "0.0.0.0"]  # noqa: S104
 FLOWER = ["celery", "-A", "worker.app", "flower", "--port=5555"]
+# The operator console: on every address of its container, so it needs credentials.
+WEB_PORT = 9810
+WEB = ["fiscal-worker", "web", "--host", "0.0.0.0", "--port", str(WEB_PORT)]  # noqa: S104
+WEB_HEALTH = "/healthz"
+NO_AUTH = "--no-auth"  # allowed on loopback only: never in a deployment
 # Settings that carry a secret: never in a ConfigMap or a plain value.
-SECRET_SETTINGS = {"FISCAL_REDIS_URL"}
+SECRET_SETTINGS = {"FISCAL_REDIS_URL", "FISCAL_WEB_PASSWORD"}
 
 
 # --- reading the files -------------------------------------------------------------------
@@ -82,6 +88,26 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 def worker_deployment() -> dict[str, Any]:
     return the("Deployment", "fiscal-worker")
+
+
+def web_deployment() -> dict[str, Any]:
+    return the("Deployment", "fiscal-worker-web")
+
+
+def secret_file(deployment: dict[str, Any], variable: str) -> tuple[dict[str, Any], str]:
+    """The Secret volume holding the file that `variable` names, and that file's path."""
+    box = container(deployment)
+    path = {e["name"]: e for e in box["env"]}[variable]["value"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for mount in box["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        for item in secret.get("items", []):
+            if f"{mount['mountPath']}/{item['path']}" == path:
+                assert mount.get("readOnly") is True, f"{mount['name']} is writable"
+                return secret, path
+    raise AssertionError(f"{variable}={path}: no Secret mounted there")
 
 
 def env_file(path: Path) -> dict[str, str]:
@@ -225,13 +251,16 @@ def test_every_pod_runs_as_the_images_non_root_user_read_only_without_capabiliti
         assert tmp, f"{deployment['metadata']['name']}: no writable /tmp"
 
 
-def test_redis_url_and_the_flower_password_come_from_secrets() -> None:
+def test_the_redis_url_the_flower_password_and_every_secret_setting_come_from_secrets() -> None:
     for deployment in deployments():
         env = {e["name"]: e for e in container(deployment).get("env", [])}
         assert env["FISCAL_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
             "name": "fiscal-worker-redis",
             "key": "url",
         }
+        for name in SECRET_SETTINGS & set(env):
+            assert "value" not in env[name], f"{deployment['metadata']['name']}: plain {name}"
+            assert "secretKeyRef" in env[name]["valueFrom"], name
     flower = container(the("Deployment", "fiscal-worker-flower"))
     env = {e["name"]: e for e in flower["env"]}
     assert env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]["name"] == "fiscal-worker-flower"
@@ -250,6 +279,38 @@ def test_the_credentials_file_setting_names_the_mounted_secret() -> None:
     path = f"{mount['mountPath']}/{item['path']}"
     assert configmap_settings()["FISCAL_CLOPOS_CREDENTIALS_FILE"] == path
     assert secret["defaultMode"] & 0o007 == 0  # not readable by other users
+
+
+def test_the_consoles_users_file_is_the_mounted_web_secret() -> None:
+    web = web_deployment()
+    secret, _ = secret_file(web, "FISCAL_WEB_USERS_FILE")
+    assert secret["secretName"] == "fiscal-worker-web"
+    assert secret["defaultMode"] & 0o007 == 0  # not readable by other users
+    # 0440 is read through the group: the pod's fsGroup is the group the console runs as.
+    pod = web["spec"]["template"]["spec"]
+    context = pod["securityContext"]
+    assert secret["defaultMode"] & 0o040 and context["fsGroup"] == context["runAsGroup"]
+    # The users file, not one shared password; and no Clopos credentials in the console.
+    env = {e["name"] for e in container(web)["env"]}
+    assert "FISCAL_WEB_PASSWORD" not in env
+    assert {v.get("secret", {}).get("secretName") for v in pod["volumes"]} == {
+        None,
+        "fiscal-worker-web",
+    }
+
+
+def test_the_example_web_secret_is_a_users_file_of_placeholders() -> None:
+    (web_secret,) = [
+        g for g in kustomization(EXAMPLE)["secretGenerator"] if g["name"] == "fiscal-worker-web"
+    ]
+    (entry,) = web_secret["files"]
+    key, _, name = entry.partition("=")
+    secret, _ = secret_file(web_deployment(), "FISCAL_WEB_USERS_FILE")
+    assert [item["key"] for item in secret["items"]] == [key]
+    users = yaml.safe_load((EXAMPLE / name).read_text(encoding="utf-8"))
+    assert users and all(set(user) == {"password_hash", "role"} for user in users.values())
+    assert all(user["password_hash"].startswith("scrypt$") for user in users.values())
+    assert all(user["role"] in {"viewer", "operator"} for user in users.values())
 
 
 def test_no_secret_in_the_configmap() -> None:
@@ -272,10 +333,14 @@ def test_the_example_secrets_are_placeholders() -> None:
 def test_every_fiscal_variable_of_the_deployment_files_is_a_real_setting() -> None:
     named = set(configmap_settings()) | set(compose_settings())
     named |= {v for v in documented_env(ROOT / ".env.example") if v.startswith(ENV_PREFIX)}
+    named |= documented_env(EXAMPLE / "settings.env")  # also the ones shown commented out
     for deployment in deployments():
         named |= {e["name"] for e in container(deployment).get("env", [])}
+    for service in compose()["services"].values():
+        if isinstance(service.get("environment"), dict):
+            named |= set(service["environment"])
     fiscal = {v for v in named if v.startswith(ENV_PREFIX)}
-    assert {"FISCAL_REDIS_URL", "FISCAL_CLOPOS_CREDENTIALS_FILE"} <= fiscal
+    assert {"FISCAL_REDIS_URL", "FISCAL_CLOPOS_CREDENTIALS_FILE", "FISCAL_WEB_USERS_FILE"} <= fiscal
     assert sorted(v for v in fiscal if not is_setting(v)) == []
 
 
@@ -405,6 +470,44 @@ def test_one_exporter_serves_the_documented_port() -> None:
     assert box["ports"] == [{"name": "metrics", "containerPort": 9808}]
 
 
+def test_the_console_serves_port_9810_probed_on_healthz_through_a_clusterip_service() -> None:
+    web = web_deployment()
+    box = container(web)
+    assert box["command"] + box["args"] == WEB
+    assert box["ports"] == [{"name": "http", "containerPort": WEB_PORT}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        check = box[probe]["httpGet"]
+        assert check["path"] == WEB_HEALTH, probe
+        assert check["port"] in ("http", WEB_PORT), probe
+    # Liveness outlasts a Redis restart (/healthz fails while Redis does not answer).
+    live = box["livenessProbe"]
+    assert live["periodSeconds"] * live.get("failureThreshold", 3) >= 60
+    svc = the("Service", "fiscal-worker-web")
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert svc["spec"]["selector"].items() <= web["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["selector"] == web["spec"]["selector"]["matchLabels"]
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == WEB_PORT and port["targetPort"] in ("http", WEB_PORT)
+    # Behind an ingress the overlay must name its proxies: by default only loopback is trusted.
+    assert Settings.model_fields["web_forwarded_allow_ips"].default == "127.0.0.1"
+    # Stateless (sessions in Redis): more than one replica, rolled one at a time.
+    assert web["spec"]["replicas"] >= 2
+    assert web["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_no_deployment_runs_the_console_without_auth() -> None:
+    for deployment in deployments():
+        box = container(deployment)
+        assert NO_AUTH not in box.get("command", []) + box.get("args", []), deployment
+    for name, service in compose()["services"].items():
+        argv = list(service.get("entrypoint", [])) + list(service.get("command", []))
+        assert NO_AUTH not in argv, name
+    # Nor added by an overlay's patch.
+    for overlay in sorted((K8S / "overlays").iterdir()):
+        for patch in kustomization(overlay).get("patches", []):
+            assert NO_AUTH not in str(patch.get("patch", "")), overlay.name
+
+
 def test_every_file_the_kustomizations_name_exists() -> None:
     folders = [BASE, EXAMPLE, K8S / "components" / "redis"]
     for folder in folders:
@@ -453,7 +556,7 @@ def test_compose_workers_scale_and_start_once_redis_is_healthy() -> None:
     assert settings["FISCAL_CLOPOS_CREDENTIALS_FILE"] == "/run/secrets/clopos_credentials"
     assert "${REDIS_PASSWORD:?" in settings["FISCAL_REDIS_URL"]
     assert settings["FISCAL_REDIS_URL"].endswith("@redis:6379/0")
-    for name in ("exporter", "flower"):
+    for name in ("exporter", "flower", "web"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
@@ -475,6 +578,31 @@ def test_compose_runs_the_exporter_flower_and_the_demo_as_documented() -> None:
     # The demo services need the [demo] extra, the others only [ops].
     assert "demo" in services["fake-clopos"]["build"]["args"]["EXTRAS"]
     assert services["worker"]["build"]["args"]["EXTRAS"] == "ops"
+
+
+def test_compose_runs_the_console_with_a_users_file_on_the_hosts_loopback_only() -> None:
+    services = compose()["services"]
+    web = services["web"]
+    assert web["entrypoint"] + web["command"] == WEB
+    assert web["ports"] == [f"127.0.0.1:{WEB_PORT}:{WEB_PORT}"]
+    assert "FISCAL_REDIS_URL" in web["environment"]  # the shared settings merged in
+    # Its users file is a secret; the console needs no Clopos credentials.
+    assert web["secrets"] == ["web_users"]
+    assert web["environment"]["FISCAL_WEB_USERS_FILE"] == "/run/secrets/web_users"
+    assert "FISCAL_WEB_PASSWORD" not in web["environment"]
+    users = compose()["secrets"]["web_users"]["file"]
+    folder = (ROOT / users).parent
+    ignored = (folder / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert Path(users).name in ignored, f"{users} is not ignored by git"
+    # The image's healthcheck is the worker's: replaced by the console's /healthz.
+    test = " ".join(web["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{WEB_PORT}{WEB_HEALTH}" in test and test.startswith("CMD python")
+
+
+def test_compose_publishes_ports_on_the_hosts_loopback_only() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
 
 
 def test_every_variable_compose_reads_is_in_env_example_and_no_other() -> None:
@@ -545,7 +673,8 @@ def ops_files() -> list[Path]:
     files += sorted(p for p in (ROOT / "ops" / "k8s").rglob("*") if p.is_file())
     files += sorted(p for p in (ROOT / "ops" / "schemas").rglob("*") if p.is_file())
     files += [ROOT / "ops" / "validate", ROOT / "ops" / "requirements.txt"]
-    files += [ROOT / "ops" / "DEPLOY.md"]
+    files += sorted(p for p in (ROOT / "ops" / "compose").rglob("*") if p.is_file())
+    files += [ROOT / "ops" / "DEPLOY.md", ROOT / "ops" / "RUNBOOK.md"]
     return [p for p in files if "__pycache__" not in p.parts]
 
 

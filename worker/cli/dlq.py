@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sys
 from typing import Any
 
@@ -22,8 +24,9 @@ from worker.cli._root import (
     cli,
     json_option,
 )
-from worker.dlq import REASONS, DeadLetterStore, ReplayError
+from worker.dlq import REASONS, DeadLetterStore
 from worker.ingest_format import BRAND_PATTERN
+from worker.oplog import OperatorLog
 
 ERROR_COLUMN_CHARS = 60  # `dlq list` shortens errors to this
 
@@ -197,22 +200,20 @@ def dlq_replay(
     _selection(entry_id, select_all, reason, brand)
     store = _store()
     stream = _settings().ingest_stream
-    replayed: list[dict[str, str]] = []
-    refused: list[dict[str, str]] = []
     if entry_id is not None:
         if store.get(entry_id) is None:
             _fail(f"no dead-letter entry {_short(entry_id, 80)}")
         candidates: Any = [entry_id]
     else:
         candidates = store.ids(reason=reason, brand=brand)
-    for candidate in candidates:
-        try:
-            stream_id = store.replay(candidate, stream=stream)
-        except ReplayError as exc:
-            refused.append({"id": candidate, "error": str(exc)})
-            continue
-        if stream_id is not None:  # None: removed meanwhile by someone else
-            replayed.append({"id": candidate, "stream_id": stream_id})
+    replayed, refused = store.replay_many(candidates, stream=stream)
+    _log_action(
+        "replay",
+        _selected(entry_id, reason, brand),
+        len(replayed),
+        refused=len(refused),
+        ids=[item["id"] for item in replayed],
+    )
     if as_json:
         _print_json({"replayed": replayed, "refused": refused})
     else:
@@ -255,7 +256,71 @@ def dlq_purge(
             if not click.confirm(f"Purge {pending} entries?", default=False, err=True):
                 _fail("not confirmed; nothing purged")
         purged = store.purge(reason=reason, brand=brand) if pending else 0
+    _log_action("purge", _selected(entry_id, reason, brand), purged)
     if as_json:
         _print_json({"purged": purged})
     else:
         click.echo(f"purged {purged} entr{'y' if purged == 1 else 'ies'}")
+
+
+def _selected(entry_id: str | None, reason: str | None, brand: str | None) -> dict[str, Any]:
+    """What a replay or purge was asked for, as the operator log keeps it."""
+    if entry_id is not None:
+        return {"id": entry_id}
+    return {name: value for name, value in (("reason", reason), ("brand", brand))
+            if value is not None} or {"all": True}  # fmt: skip
+
+
+def _log_action(
+    action: str,
+    selection: dict[str, Any],
+    count: int,
+    *,
+    refused: int = 0,
+    ids: list[str] | None = None,
+) -> None:
+    OperatorLog(_redis()).record(
+        who=_os_user(), via="cli", action=action, selection=selection, count=count,
+        refused=refused, ids=ids,
+    )  # fmt: skip
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        return f"uid {os.getuid()}"
+
+
+@dlq.command("log")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1, max=10_000),
+    default=50,
+    show_default=True,
+    help="Show the newest N entries.",
+)
+@json_option
+def dlq_log(limit: int, as_json: bool) -> None:
+    """The operator log: every replay and purge, from the console and the CLI."""
+    entries = OperatorLog(_redis()).recent(limit)
+    if as_json:
+        _print_json(entries)
+        return
+    if not entries:
+        click.echo("no operator actions logged")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("at", "who", "via", "action", "selection", "count", "refused"):
+        table.add_column(column, no_wrap=True)
+    for entry in entries:
+        table.add_row(
+            _cell(entry["at"]),
+            _cell(entry["who"], 32),
+            _cell(entry["via"]),
+            _cell(entry["action"]),
+            _cell(json.dumps(entry["selection"], sort_keys=True), 60),
+            _cell(entry["count"]),
+            _cell(entry["refused"]),
+        )
+    _console().print(table)

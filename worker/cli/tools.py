@@ -2,7 +2,7 @@
 `fiscal-worker adapter-sim`.
 
 They are implemented elsewhere (`worker.fake_clopos`, `worker.demo`) and imported only when
-run: they need the `[demo]` extra (starlette, uvicorn, fakeredis), which a production install
+run: they need the `[demo]` extra (fakeredis), which a production install
 may leave out. Without it they fail with one line on stderr and exit 1, like every other
 expected failure of the command line.
 """
@@ -18,7 +18,7 @@ import click
 from worker.cli._root import _fail, _redis, _settings, cli
 
 # The top-level packages of the [demo] extra.
-DEMO_EXTRA_PACKAGES = ("starlette", "uvicorn", "fakeredis")
+DEMO_EXTRA_PACKAGES = ("fakeredis",)
 
 
 @contextlib.contextmanager
