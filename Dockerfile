@@ -1,9 +1,9 @@
-# fiscal-worker: one image for the worker, the metrics exporter and Flower.
+# fiscal-worker: one image for the worker, the metrics exporter, Flower and the console.
 #
 #   docker build -t fiscal-worker .                              # worker + Flower ([ops])
 #   docker build -t fiscal-worker-demo --build-arg EXTRAS=ops,demo .   # + fake API, adapter sim
 #
-# The default command is the worker; the exporter and Flower override it (docker-compose.yml,
+# The default command is the worker; the exporter, Flower and the console override it (compose,
 # ops/k8s/). Not built in CI: no image registry is reachable there (ops/DEPLOY.md).
 
 # The Python the test suite runs on; pin a digest (python:3.11-slim-bookworm@sha256:...) where

@@ -16,6 +16,7 @@ brand lives in one slot and a script that touches only one brand's keys touches 
     fw:{b:<brand>}:token:auth-failure       fw:{b:<brand>}:lock:<receipt_id>
     fw:{b:<brand>}:rate:tat|front|pause|calls|others
     fw:{b:<brand>}:fiscalised:<receipt_id>  fw:{b:<brand>}:audit:<receipt_id>[:attempts]
+    fw:{b:<brand>}:last-success
 
 Global keys (no hash tag: each is placed by its whole name, so two share a slot only by
 chance):
@@ -27,6 +28,8 @@ chance):
                                             counts and size
     fw:counters, fw:latency, fw:workers, fw:brands, fw:auth-calls, fw:auth-hold,
     fw:failed-calls:<minute>
+    fw:oplog                                the operator log (worker/oplog.py)
+    fw:web:session:<sha256>, fw:web:login-failures:<sha256>   the console (worker/web/)
     fiscal (and kombu's own keys)           the Celery queue
     the ingest stream                       a setting (default fiscal:results)
 

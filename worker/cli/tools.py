@@ -101,12 +101,18 @@ def fake_clopos(
     show_default=True,
     help="How many stream entries the simulated adapter sends.",
 )
-def demo(keep: bool, redis_mode: str, results: int) -> None:
+@click.option(
+    "--web",
+    is_flag=True,
+    help="After the summary, also start the web console on this demo (a one-time "
+    "password is printed) and keep everything running until Enter.",
+)
+def demo(keep: bool, redis_mode: str, results: int, web: bool) -> None:
     """Run the whole system on this machine against a fake Clopos API (< 60 s)."""
     with _needs_demo_extra("the demo", "worker.demo"):
         from worker.demo import run_demo
 
-        code = run_demo(keep=keep, redis=redis_mode, results=results)
+        code = run_demo(keep=keep, redis=redis_mode, results=results, web=web)
     sys.exit(code)
 
 

@@ -10,9 +10,13 @@ import random
 import secrets
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +65,7 @@ from worker.testing import (
     StartError,
     WorkerProcess,
     clean_env,
+    free_port,
     ping,
     start_fake_clopos,
     worker_env,
@@ -73,6 +78,9 @@ WORKER_STOP_TIMEOUT = 10.0  # warm shutdown (SIGTERM), then SIGKILL of its proce
 REDIS_START_TIMEOUT = 10.0
 REDIS_STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL
 POLL_SECONDS = 0.2  # how often the settle loop looks at Redis
+CONSOLE_PORT = 9810  # `--web`: the console's own default, else a free port
+CONSOLE_START_TIMEOUT = 20.0
+CONSOLE_STOP_TIMEOUT = 5.0
 LOG_TAIL_LINES = 15  # lines of the worker log shown when it fails
 
 
@@ -339,6 +347,7 @@ class Running:
     fake: FakeClopos | None = None
     worker: WorkerProcess | None = None
     adapter: Adapter | None = None
+    console: subprocess.Popen[bytes] | None = None  # `fiscal-worker web` (--web)
     save_log: bool = False  # keep the worker log beyond the demo dir
 
     def stop(self) -> list[str]:
@@ -346,6 +355,9 @@ class Running:
 
         Returns the names of what was stopped."""
         steps: list[tuple[str, Callable[[], object]]] = []
+        if self.console is not None:
+            console = self.console
+            steps.append(("console", lambda: _stop_console(console)))
         if self.adapter is not None:
             adapter = self.adapter
             steps.append(("adapter", lambda: (adapter.stopping.set(), adapter.join(5))))
@@ -400,7 +412,7 @@ def _uninterruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_demo(keep: bool = False, redis: str = "auto", results: int = 200) -> int:
+def run_demo(keep: bool = False, redis: str = "auto", results: int = 200, web: bool = False) -> int:
     """Run the demo; returns the exit status (0: everything settled as planned, checks OK)."""
     if redis not in ("auto", "redis-server", "fakeredis"):
         warn(f"--redis must be auto, redis-server or fakeredis, not {redis!r}")
@@ -413,7 +425,7 @@ def run_demo(keep: bool = False, redis: str = "auto", results: int = 200) -> int
     code = 1
     try:
         with _terminate_as_interrupt():
-            code = _run(running, keep=keep, redis_mode=redis, results=results)
+            code = _run(running, keep=keep or web, redis_mode=redis, results=results, web=web)
     except KeyboardInterrupt:
         warn("interrupted; stopping everything")
         code = 130
@@ -453,7 +465,7 @@ def _save_worker_log(running: Running) -> str | None:
     return path
 
 
-def _run(running: Running, *, keep: bool, redis_mode: str, results: int) -> int:
+def _run(running: Running, *, keep: bool, redis_mode: str, results: int, web: bool = False) -> int:
     started = time.monotonic()
     directory = running.directory
     say(f"demo dir: {directory}")
@@ -521,6 +533,8 @@ def _run(running: Running, *, keep: bool, redis_mode: str, results: int) -> int:
 
     cli_env = clean_env() | {f"{ENV_PREFIX}REDIS_URL": running.redis.url}
     print_dlq(cli_env, client, plan)
+    if web:
+        _start_console(running, cli_env)
     if keep:
         _keep_running(running)
     else:
@@ -554,6 +568,56 @@ def _wait_settled(
                 return False, snap
             progress.show(line)
             time.sleep(POLL_SECONDS)
+
+
+def _start_console(running: Running, env: dict[str, str]) -> None:
+    """`fiscal-worker web` on this demo's Redis, with a one-time password for `admin`."""
+    password = secrets.token_urlsafe(12)
+    port = CONSOLE_PORT if _port_free(CONSOLE_PORT) else free_port()
+    log_path = running.directory / "console.log"
+    with log_path.open("wb") as log:
+        running.console = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "web", "--host", "127.0.0.1", "--port",
+             str(port)],
+            env={**env, f"{ENV_PREFIX}WEB_PASSWORD": password},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + CONSOLE_START_TIMEOUT
+    while not _healthy(base):
+        if running.console.poll() is not None or time.monotonic() > deadline:
+            raise DemoError(f"the console did not start: {_tail(log_path) or 'no output'}")
+        time.sleep(POLL_SECONDS)
+    say()
+    say(f"console: {base}/  (user admin, one-time password {password})")
+    say("  the dead-letter store above is there to click through: filter, open, replay, purge")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=1) as answer:  # noqa: S310
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def _stop_console(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(CONSOLE_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(CONSOLE_STOP_TIMEOUT)
 
 
 def _keep_running(running: Running) -> None:
