@@ -110,7 +110,11 @@ class Console:
             finalize=_finalize,
         )
         self.templates.filters.update(
-            printable=printable, ago=_ago_text, seconds=_seconds_text, number=_number_text
+            printable=printable,
+            ago=_ago_text,
+            seconds=_seconds_text,
+            number=_number_text,
+            utc=_utc_text,
         )
 
     def render(
@@ -657,6 +661,10 @@ def _seconds_text(seconds: float | None) -> str:
     if seconds < 172_800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+def _utc_text(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _number_text(value: Any) -> str:
