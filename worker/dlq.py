@@ -477,28 +477,30 @@ class DeadLetterStore:
         if walk is None or limit <= 0:
             return Page([], None, False, 0)
         primary, other = walk
-        found: list[dict[str, Any]] = []
+        found: list[tuple[int, dict[str, Any]]] = []
         scanned = 0
         high = "+inf" if before is None else f"({before}"
-        chunk = limit if other is None and not selection.post_filtered else HEAD_CHUNK
+        # one more than the page: a full page links to an older one only if there is one
+        chunk = limit + 1 if other is None and not selection.post_filtered else HEAD_CHUNK
         while True:
             page = self.redis.zrevrangebyscore(
                 primary, high, "-inf", start=0, num=chunk, withscores=True
             )
-            if not page:
-                return Page(found, None, False, scanned)
             ids = [(_text(member), int(score)) for member, score in page]
             scanned += len(ids)
             if other is not None:
                 ids = self._also_in(other, ids)
             for (_, seq), head in zip(ids, self.heads([i for i, _ in ids]), strict=True):
                 if head is not None and selection.accepts(head):
-                    found.append(head)
-                    if len(found) == limit:
-                        return Page(found, seq, False, scanned)
+                    found.append((seq, head))
+                    if len(found) > limit:
+                        shown = found[:limit]
+                        return Page([h for _, h in shown], shown[-1][0], False, scanned)
+            if len(page) < chunk:  # the index has nothing older
+                return Page([h for _, h in found], None, False, scanned)
             last = int(page[-1][1])
             if scanned >= SCAN_LIMIT:
-                return Page(found, last, True, scanned)
+                return Page([h for _, h in found], last, True, scanned)
             high = f"({last}"
 
     def selected_ids(self, selection: Selection, *, upto: int) -> Iterator[str]:
@@ -562,9 +564,9 @@ class DeadLetterStore:
         missing = [i for i, (raw, head) in enumerate(zip(raws, heads, strict=True))
                    if raw and head is None]  # fmt: skip
         if missing:  # no payload marker in the first bytes (an older layout): read it whole
-            for index, entry in zip(missing, self._load_many(
-                    [entry_ids[i] for i in missing]), strict=False):  # fmt: skip
-                heads[index] = _without_payload(entry)
+            whole = self.redis.mget([keys.dlq_entry(entry_ids[i]) for i in missing])
+            for index, raw in zip(missing, whole, strict=True):
+                heads[index] = _without_payload(_loads(raw))
         return heads
 
     def trend(self, hours: int = 24, *, now: float | None = None) -> list[int]:

@@ -116,6 +116,10 @@ class Console:
             number=_number_text,
             utc=_utc_text,
         )
+        # a brand a link may carry: a valid one (a dead letter keeps any string it was sent)
+        self.templates.tests["linkable"] = lambda value: (
+            isinstance(value, str) and bool(BRAND_PATTERN.fullmatch(value))
+        )
 
     def render(
         self, request: Request, template: str, session: Session | None, status_code: int = 200,
