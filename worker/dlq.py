@@ -173,6 +173,7 @@ class DeadLetterStore:
         self._add_script = redis_client.register_script(scripts.load("dlq_add"))
         self._remove_script = redis_client.register_script(scripts.load("dlq_remove"))
         self._replay_script = redis_client.register_script(scripts.load("dlq_replay"))
+        self._head_script = redis_client.register_script(scripts.load("dlq_head"))
         # Per caller's pipeline: by-result key -> (entry id, its queued command), so a
         # second add for one result id in one MULTI returns the first one's id.
         self._queued: weakref.WeakKeyDictionary[Pipeline, dict[str, tuple[str, Any]]] = (
@@ -435,7 +436,9 @@ class DeadLetterStore:
         "warn_entries", "warn_bytes", "over_bound"}; the counts omit zeros. `bytes` is the
         size of the stored entry JSON; over_bound: total >= warn_entries or bytes >= warn_bytes.
         """
-        with self.redis.pipeline(transaction=True) as pipe:
+        # not a transaction: a MULTI is refused as a whole by a Redis at maxmemory, and the
+        # three reads need not agree to the entry
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(keys.DLQ_INDEX)
             pipe.hgetall(keys.DLQ_COUNTS)
             pipe.get(keys.DLQ_BYTES)
@@ -529,9 +532,14 @@ class DeadLetterStore:
         top = self.redis.zrevrange(keys.DLQ_INDEX, 0, 0, withscores=True)
         return int(top[0][1]) if top else 0
 
-    def replay_many(self, entry_ids: Iterable[str], *, stream: str) -> Replayed:
-        """`replay` each entry; those that cannot go through again are refused and stay."""
-        outcome = Replayed([], [])
+    def replay_many(
+        self, entry_ids: Iterable[str], *, stream: str, into: Replayed | None = None
+    ) -> Replayed:
+        """`replay` each entry; those that cannot go through again are refused and stay.
+
+        The outcome is filled as it goes (`into`, if given), so a caller that sees Redis fail
+        midway still knows, and logs, what was done."""
+        outcome = Replayed([], []) if into is None else into
         for entry_id in entry_ids:
             try:
                 stream_id = self.replay(entry_id, stream=stream)
@@ -542,11 +550,14 @@ class DeadLetterStore:
                 outcome.replayed.append({"id": entry_id, "stream_id": stream_id})
         return outcome
 
-    def remove_many(self, entry_ids: Iterable[str]) -> list[str]:
-        """Remove these entries (those still there); returns the ids removed."""
+    def remove_many(self, entry_ids: Iterable[str], *, into: list[str] | None = None) -> list[str]:
+        """Remove these entries (those still there); returns the ids removed, filled as it
+        goes (`into`, if given: see `replay_many`)."""
+        removed = [] if into is None else into
         valid = (entry_id for entry_id in entry_ids if ID_PATTERN.fullmatch(entry_id))
-        return [str(entry.get("id")) for batch in _batched(valid, PAGE)
-                for entry in self._remove_many(batch)]  # fmt: skip
+        for batch in _batched(valid, PAGE):
+            removed += [str(entry.get("id")) for entry in self._remove_many(batch)]
+        return removed
 
     def heads(self, entry_ids: list[str]) -> list[dict[str, Any] | None]:
         """Entries without their payload and result (None: not there), in one round trip.
@@ -557,13 +568,15 @@ class DeadLetterStore:
         if not entry_ids:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id in entry_ids:
-                pipe.getrange(keys.dlq_entry(entry_id), 0, HEAD_BYTES - 1)
+            for entry_id in entry_ids:  # one call per key: each touches one slot
+                self._head_script(
+                    keys=[keys.dlq_entry(entry_id)], args=[HEAD_BYTES, _PAYLOAD_MARKER],
+                    client=pipe,
+                )  # fmt: skip
             raws = pipe.execute()
-        heads = [_head(raw) for raw in raws]
-        missing = [i for i, (raw, head) in enumerate(zip(raws, heads, strict=True))
-                   if raw and head is None]  # fmt: skip
-        if missing:  # no payload marker in the first bytes (an older layout): read it whole
+        heads = [_loads(raw + "}") if raw else None for raw in map(_as_text, raws)]
+        missing = [i for i, raw in enumerate(raws) if raw is None]  # no marker: read it whole
+        if missing:
             whole = self.redis.mget([keys.dlq_entry(entry_ids[i]) for i in missing])
             for index, raw in zip(missing, whole, strict=True):
                 heads[index] = _without_payload(_loads(raw))
@@ -648,18 +661,11 @@ class DeadLetterStore:
 # --- pure helpers ----------------------------------------------------------------------
 
 
-def _head(raw: str | bytes | None) -> dict[str, Any] | None:
-    """An entry's fields before `payload`, from the first bytes of its JSON; None when the
-    payload's marker is not among them. `,"payload":` cannot occur inside a JSON string (its
-    quotes would be escaped), and every field before it is a scalar, so its first
-    occurrence is the field's own."""
-    if not raw:
+def _as_text(raw: str | bytes | None) -> str | None:
+    """A script's reply as text; None for false (Lua false comes back as None)."""
+    if raw is None:
         return None
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    cut = text.find(_PAYLOAD_MARKER)
-    if cut < 0:
-        return None
-    return _loads(text[:cut] + "}")
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 def _without_payload(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -739,9 +745,11 @@ def _addition(
     entry_id: str, entry: dict[str, Any], seq: int, text: str
 ) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of dlq_add for one entry: the removal's, the hourly count, the entry."""
-    script_keys, args = _removal(entry_id, entry)
+    removal_keys, args = _removal(entry_id, entry)
+    script_keys = [*removal_keys[:6], keys.DLQ_HOURLY, keys.DLQ_ORDER]
+    script_keys += removal_keys[6:]  # by_result, when the entry has a result id
     hour = int(time.time() // 3600)
-    return [*script_keys, keys.DLQ_HOURLY], [*args, str(seq), text, str(hour)]
+    return script_keys, [*args, str(seq), text, str(hour)]
 
 
 def _brand_key(brand: Any) -> str:

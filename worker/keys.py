@@ -39,7 +39,7 @@ Single-slot scripts (one brand's keys, or one key): ratelimit_reserve, ratelimit
 ratelimit_take, ratelimit_observe, ratelimit_auth_hold, breaker_allow, breaker_record,
 gate_record,
 idempotency_acquire / _extend / _release / _hold_in_flight, audit_set_state,
-tokens_unlock, tokens_drop_if_current, ingest_read, ingest_prune, ingest_oldest_id.
+tokens_unlock, tokens_drop_if_current, ingest_read, ingest_prune, ingest_oldest_id, dlq_head.
 
 Scripts that cross slots (and so would not run on a Redis Cluster as they are):
     store_admit       the schedule, result records, and the rate, breaker and fiscalised
@@ -50,6 +50,7 @@ Scripts that cross slots (and so would not run on a Redis Cluster as they are):
     store_create, store_begin, store_renew, store_hold, store_published,
     store_reschedule  a result record (or several) with the schedule
     dlq_add, dlq_remove  the dead-letter keys (global, untagged)
+    web_login_attempt the console's two failed-login counters (global, untagged)
     dlq_replay        the ingest stream with the dead-letter keys
 Likewise the MULTI/EXEC transactions that settle a result (its record, the schedule, the
 fiscalised marker, the audit trail, the dead-letter store, the counters) span slots.
@@ -231,6 +232,8 @@ DLQ_COUNTS = f"{PREFIX}:dlq:counts"  # hash reason:<r> / brand:<b> -> count
 # string counter: total bytes of the stored entry JSON strings (sum of their STRLEN);
 # changed with every add and removal in the same script, never negative (deleted at 0).
 DLQ_BYTES = f"{PREFIX}:dlq:bytes"
+# string counter: the dead-letter indexes' last score (commit order; see dlq_add.lua).
+DLQ_ORDER = f"{PREFIX}:dlq:order"
 # hash: hour (unix time // 3600) -> entries added in it; the console's trend. Bounded: hours
 # older than two days are deleted by dlq_add.
 DLQ_HOURLY = f"{PREFIX}:dlq:hourly"

@@ -45,7 +45,8 @@ class OperatorLog:
         refused: int = 0,
         ids: list[str] | None = None,
     ) -> str:
-        """Write one entry; returns its stream id. Logged as `operator_action` too."""
+        """Write one entry; returns its stream id. Logged as `operator_action` first, so a
+        Redis that refuses the entry (RedisError raised) leaves the log line."""
         if action not in ACTIONS:
             raise ValueError(f"unknown operator action {action!r}")
         if via not in VIAS:
@@ -60,7 +61,7 @@ class OperatorLog:
             "refused": str(int(refused)),
             "ids": " ".join((ids or [])[:IDS_KEPT]),
         }
-        stream_id = self.redis.xadd(keys.OPLOG, fields, maxlen=keys.OPLOG_MAXLEN, approximate=True)
+        # the log line first: it is kept even when Redis refuses the entry (at maxmemory)
         log.info(
             kv(
                 "operator_action",
@@ -72,6 +73,7 @@ class OperatorLog:
                 refused=refused,
             )
         )
+        stream_id = self.redis.xadd(keys.OPLOG, fields, maxlen=keys.OPLOG_MAXLEN, approximate=True)
         return _text(stream_id)
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:

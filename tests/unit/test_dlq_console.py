@@ -1,5 +1,5 @@
 """The dead-letter store's console views (worker/dlq.py: Selection, page, selected_ids,
-count_selected, newest_seq, replay_many, remove_many, heads, trend, `_head`), the operator
+count_selected, newest_seq, replay_many, remove_many, heads, trend), the operator
 log (worker/oplog.py), `fiscal-worker dlq log`, and the log lines CLI replay / purge write."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from worker.dlq import (
     DeadLetterStore,
     Page,
     Selection,
-    _head,
 )
 from worker.oplog import IDS_KEPT, MAX_WHO_CHARS, OperatorLog
 from worker.settings import get_settings
@@ -394,7 +393,7 @@ def test_remove_many(store: DeadLetterStore, redis: fakeredis.FakeRedis) -> None
     assert store.remove_many([]) == []
 
 
-# --- heads and _head -------------------------------------------------------------------
+# --- heads ---------------------------------------------------------------------------
 
 
 def test_heads_in_order_without_payload(store: DeadLetterStore) -> None:
@@ -458,12 +457,10 @@ def test_heads_of_damaged_and_older_entries_keep_their_places(
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (None, None),
         ("", None),
-        (b"", None),
         ('{"id":"dl-1","error":"e","payload":"x"}', {"id": "dl-1", "error": "e"}),
         (b'{"id":"dl-1","error":"\xc3\xa9","payload":"\xff', {"id": "dl-1", "error": "é"}),
-        ('{"id":"dl-1","error":"e"}', None),  # no marker
+        ('{"id":"dl-1","error":"e"}', {"id": "dl-1", "error": "e"}),  # no marker: read whole
         (
             '{"id":"dl-1","error":"x,\\"payload\\":1","payload":2}',
             {"id": "dl-1", "error": 'x,"payload":1'},
@@ -473,15 +470,24 @@ def test_heads_of_damaged_and_older_entries_keep_their_places(
         ('{"id":"dl-1","error":"e,"payload":"x"}', None),  # damaged: not JSON before it
     ],
 )
-def test_head_parser(raw: str | bytes | None, expected: dict[str, object] | None) -> None:
-    assert _head(raw) == expected
+def test_heads_of_raw_entries(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis, raw: str | bytes,
+    expected: dict[str, object] | None,
+) -> None:  # fmt: skip
+    redis.set(keys.dlq_entry("dl-1"), raw)
+    assert store.heads(["dl-1"]) == [expected]
 
 
-def test_head_parser_on_a_head_cut_in_the_payload(store: DeadLetterStore) -> None:
-    entry = {"id": "dl-1", "error": "é", "payload": "€" * 10_000}
+@pytest.mark.parametrize("shift", range(4))
+def test_heads_are_cut_on_the_server_never_inside_a_character(
+    store: DeadLetterStore, shift: int
+) -> None:
+    """A head is the entry up to its payload, whatever multi-byte text the payload holds
+    where HEAD_BYTES ends (a client that decodes replies would choke on a split character)."""
+    entry = {"id": "dl-1", "error": "é", "payload": "x" * shift + "€" * 10_000}
     text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-    cut = text.encode("utf-8")[: HEAD_BYTES - 1]  # mid-character, inside the payload
-    assert _head(cut) == {"id": "dl-1", "error": "é"}
+    store.redis.set(keys.dlq_entry("dl-1"), text)
+    assert store.heads(["dl-1"]) == [{"id": "dl-1", "error": "é"}]
 
 
 # --- trend -----------------------------------------------------------------------------
@@ -757,3 +763,21 @@ def test_entries_written_by_the_pipeline_are_read_by_page(
     assert ids(store.page(Selection(), limit=5)) == ["dl-2", "dl-1"]
     assert store.trend(1) == [2]
     assert store.newest_seq() == 2
+
+
+def test_an_entry_committed_after_the_fence_is_not_selected(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    """An id is allocated before its transaction commits: an entry whose id is older but
+    which commits after a confirmation (its `upto`) is not touched by the confirmed action."""
+    with redis.pipeline(transaction=True) as late:
+        late.multi()
+        late_id = store.add(reason="auth_failed", payload="{}", error="late", pipeline=late)
+        early_id = store.add(reason="auth_failed", payload="{}", error="early")
+        upto = store.newest_seq()
+        late.execute()
+    assert int(late_id[3:]) < int(early_id[3:])  # the late one has the older id
+    assert list(store.selected_ids(Selection(), upto=upto)) == [early_id]
+    assert store.count_selected(Selection(reason="auth_failed"), upto=upto) == 1
+    assert store.newest_seq() > upto
+    assert [e["id"] for e in store.page(Selection()).entries] == [late_id, early_id]

@@ -32,7 +32,9 @@ def test_the_package_holds_every_script():
     assert len(NAMES) >= 25
     assert {"store_admit", "ratelimit_reserve", "dlq_add", "tokens_unlock"} <= set(NAMES)
     assert all(
-        re.fullmatch(r"(audit|breaker|dlq|gate|idempotency|ingest|ratelimit|store|tokens)_\w+", n)
+        re.fullmatch(
+            r"(audit|breaker|dlq|gate|idempotency|ingest|ratelimit|store|tokens|web)_\w+", n
+        )
         for n in NAMES
     )
 

@@ -312,7 +312,7 @@ def test_wrong_password_is_401_and_counted(client: TestClient, r: fakeredis.Fake
     assert "Wrong user name or password." in response.text
     assert SESSION_COOKIE not in response.cookies
     assert r.keys(SESSION_KEYS) == []
-    assert r.hget(keys.web_login_failures(digest("user:op")), "failures") == "1"
+    assert r.hget(keys.web_login_failures(digest("user:op\nclient:testclient")), "failures") == "1"
     assert r.hget(keys.web_login_failures(digest("client:testclient")), "failures") == "1"
     assert client.get("/").status_code == 303  # still not logged in
 
@@ -321,7 +321,8 @@ def test_unknown_user_is_401_the_same(client: TestClient, r: fakeredis.FakeRedis
     response = form_login(client, user="mallory")
     assert response.status_code == 401
     assert "Wrong user name or password." in response.text
-    assert r.hget(keys.web_login_failures(digest("user:mallory")), "failures") == "1"
+    pair = keys.web_login_failures(digest("user:mallory\nclient:testclient"))
+    assert r.hget(pair, "failures") == "1"
 
 
 def test_lockout_after_five_failures(client: TestClient, r: fakeredis.FakeRedis) -> None:
@@ -333,14 +334,18 @@ def test_lockout_after_five_failures(client: TestClient, r: fakeredis.FakeRedis)
     assert r.keys(SESSION_KEYS) == []
     assert client.get("/").status_code == 303
     # the refusal is not counted as one more failure
-    assert r.hget(keys.web_login_failures(digest("user:op")), "failures") == "5"
+    assert r.hget(keys.web_login_failures(digest("user:op\nclient:testclient")), "failures") == "5"
 
 
 def test_a_success_clears_the_failures(client: TestClient, r: fakeredis.FakeRedis) -> None:
     for _ in range(4):
         assert form_login(client, password="guess").status_code == 401
     assert form_login(client).status_code == 303
-    assert r.keys(keys.web_login_failures("*")) == []
+    # the (user, client) count is gone; the client's keeps its 4 failures, not the success
+    assert r.keys(keys.web_login_failures("*")) == [
+        keys.web_login_failures(digest("client:testclient"))
+    ]
+    assert r.hget(keys.web_login_failures(digest("client:testclient")), "failures") == "4"
 
 
 @pytest.mark.parametrize("case", ["field missing", "field wrong", "cookie missing"])
@@ -1499,3 +1504,167 @@ def test_no_auth_has_no_login(r: fakeredis.FakeRedis, settings: Settings) -> Non
     response = client.post("/login", data={"user": "x", "password": "y"})
     assert (response.status_code, response.headers["location"]) == (303, "/")
     assert r.keys(keys.web_login_failures("*")) == []
+
+
+# --- found in review: rebinding, cross-site posts, floods, partial actions --------------
+
+
+def test_no_auth_answers_only_to_a_loopback_host(r: fakeredis.FakeRedis, settings: Settings):
+    """--no-auth: a page of another site whose name was rebound to 127.0.0.1 (DNS
+    rebinding) gets no operator session and no page; localhost names do."""
+    add(DeadLetterStore(r))
+    rebound = make_client(r, settings, None, base_url="http://rebind.attacker.example:9810")
+    response = rebound.get("/dead-letters")
+    assert response.status_code == 421
+    assert r.keys(SESSION_KEYS) == []
+    assert rebound.post("/dead-letters/apply", data={"action": "purge"}).status_code == 421
+    assert r.zcard(keys.DLQ_INDEX) == 1
+    for base in ("http://localhost:9810", "http://127.0.0.1:9810", "http://[::1]:9810"):
+        assert make_client(r, settings, None, base_url=base).get("/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+    ],
+)
+def test_a_post_from_another_site_is_refused_even_with_the_token(
+    client: TestClient, store: DeadLetterStore, headers: dict[str, str]
+) -> None:
+    entry_id = add(store)
+    csrf = log_in(client)
+    form = {"csrf": csrf, "action": "purge", "scope": "one", "id": entry_id, "upto": "99"}
+    response = client.post("/dead-letters/apply", data=form, headers=headers)
+    assert response.status_code == 403
+    assert store.get(entry_id) is not None
+    same = client.post(
+        "/dead-letters/apply", data=form,
+        headers={"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1"},
+    )  # fmt: skip
+    assert same.status_code == 303
+    assert store.get(entry_id) is None
+
+
+def test_a_login_from_another_site_is_refused(client: TestClient) -> None:
+    token = csrf_of(client.get("/login").text)
+    response = client.post(
+        "/login", data={"csrf": token, "user": "op", "password": PASSWORD},
+        headers={"Sec-Fetch-Site": "cross-site"},
+    )  # fmt: skip
+    assert response.status_code == 403
+    assert SESSION_COOKIE not in response.cookies
+
+
+def test_too_many_logins_at_once_are_refused_not_hashed(
+    client: TestClient, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each password check takes 16 MiB (scrypt): past MAX_CONCURRENT_HASHES at once a login
+    is answered 503 without one."""
+    console = client.app.state.console
+    checked: list[str] = []
+    monkeypatch.setattr(console.users, "authenticate", lambda name, pw: checked.append(name))
+    console.hashing = web_app.MAX_CONCURRENT_HASHES
+    token = csrf_of(client.get("/login").text)
+    response = client.post("/login", data={"csrf": token, "user": "op", "password": "x"})
+    assert response.status_code == 503
+    assert checked == []
+    assert r.keys(keys.web_login_failures("*")) == []
+    console.hashing = 0
+    monkeypatch.undo()
+    assert form_login(client).status_code == 303
+
+
+def test_a_failed_login_keeps_where_it_was_going(client: TestClient) -> None:
+    response = form_login(client, password="wrong", next="/brands")
+    assert response.status_code == 401
+    assert 'name="next" value="/brands"' in response.text
+
+
+def test_the_overview_refresh_does_not_keep_a_session_alive(
+    client: TestClient, r: fakeredis.FakeRedis
+) -> None:
+    log_in(client)
+    [key] = r.keys(SESSION_KEYS)
+    r.expire(key, 100)
+    assert client.get("/overview/live").status_code == 200
+    assert r.ttl(key) <= 100  # not renewed by the refresh
+    assert client.get("/").status_code == 200
+    assert r.ttl(key) > 100  # renewed by a page the person asked for
+
+
+def test_a_deeply_nested_payload_renders_as_text(client: TestClient, store: DeadLetterStore):
+    entry_id = add(store, reason="invalid_message", payload="[" * 50_000 + "]" * 50_000)
+    log_in(client)
+    response = client.get(f"/dead-letters/{entry_id}")
+    assert response.status_code == 200
+    assert "[[[[" in response.text
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "1²"])
+def test_unicode_digits_are_a_bad_request(client: TestClient, value: str) -> None:
+    log_in(client)
+    for query in (f"receipt_id={value}", f"before={value}"):
+        response = client.get(f"/dead-letters?{query}")
+        assert response.status_code == 400
+
+
+def test_scope_one_names_exactly_one_entry(client: TestClient, store: DeadLetterStore):
+    first, second = add(store, receipt_id=1), add(store, receipt_id=2)
+    csrf = log_in(client)
+    form = {"csrf": csrf, "action": "purge", "scope": "one", "id": [first, second], "upto": "9"}
+    assert client.post("/dead-letters/apply", data=form).status_code == 400
+    assert client.post("/dead-letters/confirm", data=form).status_code == 400
+    assert store.get(first) is not None and store.get(second) is not None
+
+
+def test_redis_failing_midway_still_logs_what_was_done(
+    client: TestClient, store: DeadLetterStore, r: fakeredis.FakeRedis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    ids = [add(store, receipt_id=n) for n in (1, 2, 3)]
+    csrf = log_in(client)
+    console = client.app.state.console
+    real = console.store.replay
+    calls = []
+
+    def replay(entry_id: str, *, stream: str) -> str | None:
+        calls.append(entry_id)
+        if len(calls) == 2:
+            raise redis_lib.exceptions.ConnectionError("gone")
+        return real(entry_id, stream=stream)
+
+    monkeypatch.setattr(console.store, "replay", replay)
+    response = client.post(
+        "/dead-letters/replay", data={"csrf": csrf, "id": ids, "back": "/dead-letters"}
+    )
+    assert response.status_code == 303
+    message = parse_qs(urlsplit(response.headers["location"]).query)["done"][0]
+    assert message.startswith("replayed 1, refused 0; then Redis failed (ConnectionError)")
+    [entry] = OperatorLog(r).recent()
+    assert (entry["action"], entry["count"], entry["ids"]) == ("replay", 1, [ids[0]])
+
+
+def test_an_operator_log_redis_refuses_is_said_on_the_page(
+    client: TestClient, store: DeadLetterStore, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    entry_id = add(store)
+    csrf = log_in(client)
+    console = client.app.state.console
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise redis_lib.exceptions.OutOfMemoryError("OOM command not allowed")
+
+    monkeypatch.setattr(console.oplog.redis, "xadd", refuse)
+    form = {"csrf": csrf, "action": "purge", "scope": "one", "id": entry_id, "upto": "9"}
+    with caplog.at_level("INFO", logger="worker.oplog"):
+        response = client.post("/dead-letters/apply", data=form)
+    assert response.status_code == 303
+    assert store.get(entry_id) is None
+    message = parse_qs(urlsplit(response.headers["location"]).query)["done"][0]
+    assert "purged 1 entry; the operator log could not be written to Redis" in message
+    assert any("event=operator_action" in record.getMessage() for record in caplog.records)

@@ -30,6 +30,7 @@ from worker.web import auth
 from worker.web.app import is_loopback
 from worker.web.auth import (
     FAILURE_WINDOW_SECONDS,
+    FREE_FAILURES,
     LOCKOUT_MAX_SECONDS,
     SESSION_MAX_SECONDS,
     LoginThrottle,
@@ -433,68 +434,75 @@ def throttle(r: fakeredis.FakeRedis, fake_time: Clock) -> LoginThrottle:
 def test_five_failures_then_a_lockout_that_doubles(
     throttle: LoginThrottle, fake_time: Clock
 ) -> None:
-    for _ in range(4):
-        throttle.failed("op", "10.0.0.1")
-        assert throttle.wait_seconds("op", "10.0.0.1") == 0
-    throttle.failed("op", "10.0.0.1")
-    assert throttle.wait_seconds("op", "10.0.0.1") == 15
-    fake_time.now += 14.5
-    assert throttle.wait_seconds("op", "10.0.0.1") == 1  # rounded up
-    fake_time.now += 0.5
-    assert throttle.wait_seconds("op", "10.0.0.1") == 0
-    throttle.failed("op", "10.0.0.1")
-    assert throttle.wait_seconds("op", "10.0.0.1") == 30
-    fake_time.now += 30
-    throttle.failed("op", "10.0.0.1")
-    assert throttle.wait_seconds("op", "10.0.0.1") == 60
-
-
-def test_failures_count_per_user_and_per_client(throttle: LoginThrottle) -> None:
-    for n in range(5):
-        throttle.failed(f"guess{n}", "10.0.0.1")  # one client trying names
-    assert throttle.wait_seconds("op", "10.0.0.1") == 15  # the client is slowed
-    assert throttle.wait_seconds("op", "10.0.0.2") == 0  # others are not
     for _ in range(5):
-        throttle.failed("viewer", "10.0.0.3")
-    assert throttle.wait_seconds("viewer", "10.0.0.9") == 15  # the name is slowed anywhere
+        assert throttle.attempt("op", "10.0.0.1") == 0  # each counted as a failure
+    assert throttle.attempt("op", "10.0.0.1") == 15
+    fake_time.now += 14.5
+    assert throttle.attempt("op", "10.0.0.1") == 1  # rounded up
+    fake_time.now += 0.5
+    assert throttle.attempt("op", "10.0.0.1") == 0  # the 6th
+    assert throttle.attempt("op", "10.0.0.1") == 30
+    fake_time.now += 30
+    assert throttle.attempt("op", "10.0.0.1") == 0  # the 7th
+    assert throttle.attempt("op", "10.0.0.1") == 60
 
 
-def test_a_success_clears_the_count(throttle: LoginThrottle, r: fakeredis.FakeRedis) -> None:
+def test_a_burst_of_attempts_is_counted_as_it_arrives(throttle: LoginThrottle) -> None:
+    """Attempts are counted before their password is checked: of 50 sent at once (none
+    taken back yet), only the free ones go ahead."""
+    allowed = [throttle.attempt("admin", "10.0.0.1") == 0 for _ in range(50)]
+    assert allowed.count(True) == FREE_FAILURES
+
+
+def test_failures_count_per_user_and_client_and_per_client(throttle: LoginThrottle) -> None:
+    for n in range(5):
+        assert throttle.attempt(f"guess{n}", "10.0.0.1") == 0  # one client trying names
+    assert throttle.attempt("op", "10.0.0.1") == 15  # the client is slowed, for any name
+    assert throttle.attempt("op", "10.0.0.2") == 0  # others are not
+    for _ in range(5):
+        throttle.attempt("viewer", "10.0.0.3")
+    # guesses from one address do not lock the user out of another one
+    assert throttle.attempt("viewer", "10.0.0.9") == 0
+
+
+def test_a_success_takes_its_attempt_back(throttle: LoginThrottle, r: fakeredis.FakeRedis) -> None:
     for _ in range(4):
-        throttle.failed("op", "10.0.0.1")
+        throttle.attempt("op", "10.0.0.1")
+    assert throttle.attempt("op", "10.0.0.1") == 0
     throttle.succeeded("op", "10.0.0.1")
-    assert r.keys("*") == []
-    for _ in range(4):
-        throttle.failed("op", "10.0.0.1")
-    assert throttle.wait_seconds("op", "10.0.0.1") == 0
+    client_key = keys.web_login_failures(digest("client:10.0.0.1"))
+    assert r.keys("*") == [client_key]  # the (user, client) count is gone
+    assert r.hget(client_key, "failures") == "4"
+    assert throttle.attempt("op", "10.0.0.1") == 0
 
 
 def test_the_failure_count_lapses(throttle: LoginThrottle, r: fakeredis.FakeRedis) -> None:
-    throttle.failed("op", "10.0.0.1")
-    user_key = keys.web_login_failures(digest("user:op"))
+    throttle.attempt("op", "10.0.0.1")
+    pair_key = keys.web_login_failures(digest("user:op\nclient:10.0.0.1"))
     client_key = keys.web_login_failures(digest("client:10.0.0.1"))
-    assert set(r.keys("*")) == {user_key, client_key}
-    assert r.ttl(user_key) == FAILURE_WINDOW_SECONDS
+    assert set(r.keys("*")) == {pair_key, client_key}
+    assert r.ttl(pair_key) == FAILURE_WINDOW_SECONDS
     for _ in range(5):
-        throttle.failed("op", "10.0.0.1")
-    assert r.hget(user_key, "failures") == "6"
-    assert r.ttl(user_key) == FAILURE_WINDOW_SECONDS + 30
-    assert r.ttl(client_key) == FAILURE_WINDOW_SECONDS + 30
+        throttle.attempt("op", "10.0.0.1")
+    assert r.hget(pair_key, "failures") == "5"  # the 6th was refused, not counted
+    assert r.ttl(pair_key) == FAILURE_WINDOW_SECONDS + 15
+    assert r.ttl(client_key) == FAILURE_WINDOW_SECONDS + 15
 
 
 def test_the_lockout_is_capped(
     throttle: LoginThrottle, r: fakeredis.FakeRedis, fake_time: Clock
 ) -> None:
-    key = keys.web_login_failures(digest("user:op"))
+    key = keys.web_login_failures(digest("client:x"))
     r.hset(key, mapping={"failures": "100000", "last": repr(fake_time.now)})
-    assert throttle.wait_seconds("op", "x") == LOCKOUT_MAX_SECONDS
+    assert throttle.attempt("op", "x") == LOCKOUT_MAX_SECONDS
 
 
 def test_a_damaged_count_locks_nobody_out(
     throttle: LoginThrottle, r: fakeredis.FakeRedis, fake_time: Clock
 ) -> None:
-    r.hset(keys.web_login_failures(digest("user:op")), mapping={"failures": "x", "last": "y"})
-    assert throttle.wait_seconds("op", "10.0.0.1") == 0
+    key = keys.web_login_failures(digest("user:op\nclient:10.0.0.1"))
+    r.hset(key, mapping={"failures": "x", "last": "y"})
+    assert throttle.attempt("op", "10.0.0.1") == 0
 
 
 # --- `fiscal-worker web-user` ----------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import click
+import redis
 from rich.table import Table
 
 from worker.cli._root import (
@@ -24,7 +25,7 @@ from worker.cli._root import (
     cli,
     json_option,
 )
-from worker.dlq import REASONS, DeadLetterStore
+from worker.dlq import REASONS, DeadLetterStore, Replayed
 from worker.ingest_format import BRAND_PATTERN
 from worker.oplog import OperatorLog
 
@@ -206,14 +207,18 @@ def dlq_replay(
         candidates: Any = [entry_id]
     else:
         candidates = store.ids(reason=reason, brand=brand)
-    replayed, refused = store.replay_many(candidates, stream=stream)
-    _log_action(
-        "replay",
-        _selected(entry_id, reason, brand),
-        len(replayed),
-        refused=len(refused),
-        ids=[item["id"] for item in replayed],
-    )
+    outcome = Replayed([], [])
+    try:
+        store.replay_many(candidates, stream=stream, into=outcome)
+    finally:  # what was done is logged, even when Redis fails midway
+        _log_action(
+            "replay",
+            _selected(entry_id, reason, brand),
+            len(outcome.replayed),
+            refused=len(outcome.refused),
+            ids=[item["id"] for item in outcome.replayed],
+        )
+    replayed, refused = outcome
     if as_json:
         _print_json({"replayed": replayed, "refused": refused})
     else:
@@ -248,6 +253,7 @@ def dlq_purge(
         if store.remove(entry_id) is None:
             _fail(f"no dead-letter entry {_short(entry_id, 80)}")
         purged = 1
+        _log_action("purge", _selected(entry_id, reason, brand), 1, ids=[entry_id])
     else:
         pending = store.count(reason=reason, brand=brand)
         if pending and not yes:
@@ -255,8 +261,13 @@ def dlq_purge(
                 _fail(f"refusing to purge {pending} entries without confirmation; pass --yes")
             if not click.confirm(f"Purge {pending} entries?", default=False, err=True):
                 _fail("not confirmed; nothing purged")
-        purged = store.purge(reason=reason, brand=brand) if pending else 0
-    _log_action("purge", _selected(entry_id, reason, brand), purged)
+        removed: list[str] = []
+        try:
+            if pending:
+                store.remove_many(store.ids(reason=reason, brand=brand), into=removed)
+        finally:
+            _log_action("purge", _selected(entry_id, reason, brand), len(removed), ids=removed)
+        purged = len(removed)
     if as_json:
         _print_json({"purged": purged})
     else:
@@ -279,10 +290,19 @@ def _log_action(
     refused: int = 0,
     ids: list[str] | None = None,
 ) -> None:
-    OperatorLog(_redis()).record(
-        who=_os_user(), via="cli", action=action, selection=selection, count=count,
-        refused=refused, ids=ids,
-    )  # fmt: skip
+    """Write the operator log; a Redis that refuses it is a warning (the action is done, and
+    its `operator_action` log line was written first)."""
+    try:
+        OperatorLog(_redis()).record(
+            who=_os_user(), via="cli", action=action, selection=selection, count=count,
+            refused=refused, ids=ids,
+        )  # fmt: skip
+    except redis.exceptions.RedisError as exc:
+        click.echo(
+            f"warning: {action} of {count} not written to the operator log "
+            f"({exc.__class__.__name__})",
+            err=True,
+        )
 
 
 def _os_user() -> str:

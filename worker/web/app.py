@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import redis
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -37,7 +37,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from worker.dlq import REASONS, DeadLetterStore, Selection
+from worker.dlq import REASONS, DeadLetterStore, Replayed, Selection
 from worker.ingest_format import BRAND_PATTERN
 from worker.logs import kv
 from worker.oplog import OperatorLog
@@ -45,6 +45,7 @@ from worker.settings import Settings
 from worker.web import data
 from worker.web.auth import (
     FAILURE_DELAY_SECONDS,
+    MAX_CONCURRENT_HASHES,
     NO_AUTH_USER,
     LoginThrottle,
     Session,
@@ -64,6 +65,7 @@ PAGE_SIZE = 50
 MAX_BODY_BYTES = 256 * 1024  # a form larger than this is refused (413)
 MAX_SELECTED = 500  # ids one "selected" action may name
 REFRESH_SECONDS = 5  # the overview reloads its numbers this often
+LIVE_PATH = "/overview/live"  # the overview's refresh (static/console.js)
 UNKNOWN_BRAND = "(unknown)"  # the brand filter's value for messages without a readable brand
 
 CSP = (
@@ -96,6 +98,7 @@ class Console:
         self.users = users
         self.sessions = Sessions(redis_client, idle_seconds=settings.web_session_seconds)
         self.throttle = LoginThrottle(redis_client)
+        self.hashing = 0  # logins checking a password now (the event loop's count)
         self.store = DeadLetterStore(
             redis_client,
             warn_entries=settings.dlq_warn_entries,
@@ -152,7 +155,7 @@ def create_app(
             Route("/login", _login, methods=["POST"]),
             Route("/logout", _page(_logout, act=False), methods=["POST"]),
             Route("/", _page(_overview_page)),
-            Route("/overview/live", _page(_overview_live)),
+            Route(LIVE_PATH, _page(_overview_live)),
             Route("/dead-letters", _page(_dead_letters)),
             Route("/dead-letters/replay", _page(_replay_selected, act=True), methods=["POST"]),
             Route("/dead-letters/confirm", _page(_confirm, act=True), methods=["POST"]),
@@ -179,6 +182,15 @@ class _SecurityHeaders:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.state.console.users is None and not _loopback_host(scope):
+            # --no-auth: a page of another site that rebinds its name to 127.0.0.1 would
+            # otherwise be an operator here; only a loopback name is answered
+            response = PlainTextResponse(
+                "this console runs without a login: it answers only to localhost",
+                status_code=421,
+            )
+            await response(scope, receive, send)
             return
 
         async def send_with_headers(message: Any) -> None:
@@ -213,6 +225,8 @@ def _page(handler: Handler, *, act: bool | None = None) -> Callable[[Request], A
                 if request.method != "GET":
                     return PlainTextResponse("not logged in", status_code=403)
                 return RedirectResponse(_login_url(request), status_code=303)
+            if request.method == "POST" and _cross_site(request):
+                raise Forbidden("a request from another site is refused")
             if request.method == "POST" and not csrf_ok(session, _one(form, "csrf")):
                 raise Forbidden("missing or wrong CSRF token; reload the page and try again")
             if act and not session.may_act:
@@ -230,10 +244,7 @@ def _page(handler: Handler, *, act: bool | None = None) -> Callable[[Request], A
             )  # fmt: skip
         except redis.exceptions.RedisError as exc:
             log.warning(kv("web_redis_error", error=exc.__class__.__name__))
-            return PlainTextResponse(
-                f"Redis is unavailable ({exc.__class__.__name__}); try again",
-                status_code=503,
-            )
+            return PlainTextResponse(_redis_trouble(exc), status_code=503)
         if cookie is not None:
             _set_session_cookie(request, response, cookie)
         return response
@@ -243,8 +254,12 @@ def _page(handler: Handler, *, act: bool | None = None) -> Callable[[Request], A
 
 def _session_of(console: Console, request: Request) -> tuple[Session | None, str | None]:
     """(the request's session, a new cookie to set or None). Under --no-auth a visitor
-    without a session gets one as the operator `local`."""
-    session = console.sessions.get(request.cookies.get(SESSION_COOKIE), console.users)
+    without a session gets one as the operator `local`. The overview's own refresh does not
+    count as use: an unattended tab still ends its session when it is idle long enough."""
+    session = console.sessions.get(
+        request.cookies.get(SESSION_COOKIE), console.users,
+        renew=request.url.path != LIVE_PATH,
+    )  # fmt: skip
     if session is not None or console.users is not None:
         return session, None
     cookie, session = console.sessions.create(NO_AUTH_USER, "operator")
@@ -320,12 +335,14 @@ async def _login_page(request: Request) -> Response:
 
 
 def _login_form(
-    request: Request, console: Console, *, error: str | None, status_code: int, name: str = ""
-) -> Response:
+    request: Request, console: Console, *, error: str | None, status_code: int, name: str = "",
+    next_path: str | None = None,
+) -> Response:  # fmt: skip
     token = secrets.token_urlsafe(24)
+    target = next_path if next_path is not None else request.query_params.get("next")
     response = console.render(
         request, "login.html", None, status_code=status_code, error=error, login_csrf=token,
-        next=_safe_next(request.query_params.get("next")), name=name,
+        next=_safe_next(target), name=name,
     )  # fmt: skip
     response.set_cookie(
         LOGIN_COOKIE, token, max_age=3600, httponly=True, samesite="strict",
@@ -338,48 +355,75 @@ async def _login(request: Request) -> Response:
     console: Console = request.app.state.console
     if console.users is None:
         return RedirectResponse("/", status_code=303)
+    if _cross_site(request):
+        return PlainTextResponse("a login from another site is refused", status_code=403)
     form = await _form(request)
     if form is None:
         return PlainTextResponse("form too large or not a form", status_code=413)
+    next_path = _one(form, "next")
     sent, expected = _one(form, "csrf") or "", request.cookies.get(LOGIN_COOKIE) or ""
     if not sent or not expected or not _same(sent, expected):
         return _login_form(
-            request, console, error="The form expired; please try again.", status_code=403
-        )
+            request, console, error="The form expired; please try again.", status_code=403,
+            next_path=next_path,
+        )  # fmt: skip
     name, password = (_one(form, "user") or "").strip(), _one(form, "password") or ""
     client = request.client.host if request.client else "?"
+    if console.hashing >= MAX_CONCURRENT_HASHES:
+        log.warning(kv("web_login_busy", client=client))
+        return PlainTextResponse("too many logins at once; try again", status_code=503)
+    console.hashing += 1  # the event loop's own count: no lock needed
     try:
-        wait = await run_in_threadpool(console.throttle.wait_seconds, name, client)
-        if wait > 0:
-            log.warning(kv("web_login_refused", user=printable(name)[:64], wait=wait))
-            return _login_form(
-                request, console, status_code=429, name=name,
-                error=f"Too many failed logins: try again in {wait} s.",
-            )  # fmt: skip
-        user = (
-            await run_in_threadpool(console.users.authenticate, name, password)
-            if valid_name(name) and password
-            else None
-        )
-        if user is None:
-            await run_in_threadpool(console.throttle.failed, name, client)
-            log.warning(kv("web_login_failed", user=printable(name)[:64], client=client))
-            await asyncio.sleep(FAILURE_DELAY_SECONDS)
-            return _login_form(
-                request, console, status_code=401, name=name,
-                error="Wrong user name or password.",
-            )  # fmt: skip
-        await run_in_threadpool(console.throttle.succeeded, name, client)
-        cookie, _ = await run_in_threadpool(console.sessions.create, user.name, user.role)
+        wait = await run_in_threadpool(console.throttle.attempt, name, client)
+        user = None
+        if wait == 0 and valid_name(name) and password:
+            user = await run_in_threadpool(console.users.authenticate, name, password)
+        if user is not None:
+            await run_in_threadpool(console.throttle.succeeded, name, client)
+            cookie, _ = await run_in_threadpool(console.sessions.create, user.name, user.role)
     except redis.exceptions.RedisError as exc:
-        return PlainTextResponse(
-            f"Redis is unavailable ({exc.__class__.__name__}); try again", status_code=503
-        )
+        return PlainTextResponse(_redis_trouble(exc), status_code=503)
+    finally:
+        console.hashing -= 1
+    if wait > 0:
+        log.warning(kv("web_login_refused", user=printable(name)[:64], wait=wait))
+        return _login_form(
+            request, console, status_code=429, name=name, next_path=next_path,
+            error=f"Too many failed logins: try again in {wait} s.",
+        )  # fmt: skip
+    if user is None:
+        log.warning(kv("web_login_failed", user=printable(name)[:64], client=client))
+        await asyncio.sleep(FAILURE_DELAY_SECONDS)
+        return _login_form(
+            request, console, status_code=401, name=name, next_path=next_path,
+            error="Wrong user name or password.",
+        )  # fmt: skip
     log.info(kv("web_login", user=user.name, role=user.role, client=client))
-    response = RedirectResponse(_safe_next(_one(form, "next")), status_code=303)
+    response = RedirectResponse(_safe_next(next_path), status_code=303)
     _set_session_cookie(request, response, cookie)
     response.delete_cookie(LOGIN_COOKIE, path="/login")
     return response
+
+
+def _redis_trouble(exc: redis.exceptions.RedisError) -> str:
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return (
+            "Redis is at its memory limit (OutOfMemoryError) and refuses writes: a new login "
+            "cannot be recorded. Use a session already open, or fiscal-worker dlq purge."
+        )
+    return f"Redis is unavailable ({exc.__class__.__name__}); try again"
+
+
+def _cross_site(request: Request) -> bool:
+    """Whether a state-changing request came from another site (a second line behind the
+    CSRF token and SameSite=Strict): Sec-Fetch-Site, else an Origin for another host."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    return origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")
 
 
 def _same(a: str, b: str) -> bool:
@@ -488,19 +532,13 @@ def _receipt(console: Console, request: Request, session: Session, form: Any) ->
 def _replay_selected(console: Console, request: Request, session: Session, form: Any) -> Response:
     """Replay the ticked entries at once (a replay is idempotent: no confirmation)."""
     ids = _ids(form)
-    outcome = console.store.replay_many(ids, stream=console.settings.ingest_stream)
-    _record(console, session, "replay", {"ids": len(ids)}, outcome.replayed, outcome.refused)
-    message = _replay_message(outcome.replayed, outcome.refused)
-    return _back(form, message)
+    return _back(form, _act(console, session, "replay", {"ids": len(ids)}, ids))
 
 
 def _confirm(console: Console, request: Request, session: Session, form: Any) -> Response:
     """The confirmation of a purge, or of a replay of everything matching a filter: it
     names the count, and fences the action to the entries there now (`upto`)."""
-    action = _one(form, "action")
-    scope = _one(form, "scope")
-    if action not in ("replay", "purge") or scope not in ("selected", "matching", "one"):
-        raise BadRequest("unknown action")
+    action, scope = _action(form)
     upto = console.store.newest_seq()
     ids: list[str] = []
     filters: dict[str, str] = {}
@@ -508,7 +546,7 @@ def _confirm(console: Console, request: Request, session: Session, form: Any) ->
         selection, filters = _selection(lambda name: _one(form, name))
         count = console.store.count_selected(selection, upto=upto)
     else:
-        ids = _ids(form)
+        ids = _ids(form, one=scope == "one")
         count = sum(1 for head in console.store.heads(ids) if head is not None)
     return console.render(
         request, "confirm.html", session, action=action, scope=scope, ids=ids, filters=filters,
@@ -517,48 +555,65 @@ def _confirm(console: Console, request: Request, session: Session, form: Any) ->
 
 
 def _apply(console: Console, request: Request, session: Session, form: Any) -> Response:
-    action, scope = _one(form, "action"), _one(form, "scope")
-    if action not in ("replay", "purge") or scope not in ("selected", "matching", "one"):
-        raise BadRequest("unknown action")
+    action, scope = _action(form)
     upto = _positive_int(_one(form, "upto"), "upto") or 0
     if scope == "matching":
         selection, filters = _selection(lambda name: _one(form, name))
         chosen: Any = console.store.selected_ids(selection, upto=upto)
         described: dict[str, Any] = {"filter": {k: v for k, v in filters.items() if v} or "all"}
     else:
-        ids = _ids(form)
+        ids = _ids(form, one=scope == "one")
         chosen, described = ids, ({"id": ids[0]} if scope == "one" else {"ids": len(ids)})
-    if action == "replay":
-        outcome = console.store.replay_many(chosen, stream=console.settings.ingest_stream)
-        _record(console, session, "replay", described, outcome.replayed, outcome.refused)
-        message = _replay_message(outcome.replayed, outcome.refused)
-    else:
-        removed = console.store.remove_many(chosen)
-        _record(console, session, "purge", described, [{"id": i} for i in removed], [])
-        message = f"purged {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}"
-    if scope == "one" and action == "replay" and outcome.refused:
-        return _back({"back": [f"/dead-letters/{chosen[0]}"]}, message)
+    message = _act(console, session, action, described, chosen)
+    if scope == "one" and action == "replay" and console.store.get(ids[0]) is not None:
+        return _back({"back": [f"/dead-letters/{ids[0]}"]}, message)  # refused: it stays
     return _back({"back": [_one(form, "back") or "/dead-letters"]}, message)
 
 
-def _record(
-    console: Console,
-    session: Session,
-    action: str,
-    selection: dict[str, Any],
-    done: list[dict[str, str]],
-    refused: list[dict[str, str]],
-) -> None:
-    console.oplog.record(
-        who=session.user, via="web", action=action, selection=selection, count=len(done),
-        refused=len(refused), ids=[item["id"] for item in done],
-    )  # fmt: skip
+def _action(form: dict[str, list[str]]) -> tuple[str, str]:
+    action, scope = _one(form, "action"), _one(form, "scope")
+    if action not in ("replay", "purge") or scope not in ("selected", "matching", "one"):
+        raise BadRequest("unknown action")
+    return action, scope
 
 
-def _replay_message(replayed: list[dict[str, str]], refused: list[dict[str, str]]) -> str:
-    message = f"replayed {len(replayed)}, refused {len(refused)}"
-    if refused:
-        message += f" (first refusal: {refused[0]['error'][:200]})"
+def _act(
+    console: Console, session: Session, action: str, described: dict[str, Any], chosen: Any
+) -> str:
+    """Replay or purge `chosen`, and write the operator log with what was done, even when
+    Redis fails midway; returns the message for the page."""
+    outcome = Replayed([], [])
+    failure: redis.exceptions.RedisError | None = None
+    try:
+        if action == "replay":
+            console.store.replay_many(chosen, stream=console.settings.ingest_stream, into=outcome)
+        else:
+            removed: list[str] = []
+            try:
+                console.store.remove_many(chosen, into=removed)
+            finally:
+                outcome.replayed.extend({"id": entry_id} for entry_id in removed)
+    except redis.exceptions.RedisError as exc:
+        failure = exc
+    done, refused = outcome.replayed, outcome.refused
+    if action == "replay":
+        message = f"replayed {len(done)}, refused {len(refused)}"
+        if refused:
+            message += f" (first refusal: {refused[0]['error'][:200]})"
+    else:
+        message = f"purged {len(done)} entr{'y' if len(done) == 1 else 'ies'}"
+    if failure is not None:
+        message += f"; then Redis failed ({failure.__class__.__name__}): the rest was not done"
+    try:
+        console.oplog.record(
+            who=session.user, via="web", action=action, selection=described, count=len(done),
+            refused=len(refused), ids=[item["id"] for item in done],
+        )  # fmt: skip
+    except redis.exceptions.RedisError as exc:
+        message += (
+            f"; the operator log could not be written to Redis ({exc.__class__.__name__}): "
+            "the console's log output has it"
+        )
     return message
 
 
@@ -573,10 +628,12 @@ def _flash(request: Request) -> str | None:
     return printable(done)[:400] if done else None
 
 
-def _ids(form: dict[str, list[str]]) -> list[str]:
+def _ids(form: dict[str, list[str]], *, one: bool = False) -> list[str]:
     ids = list(dict.fromkeys(form.get("id", [])))
     if not ids:
         raise BadRequest("no entry selected")
+    if one and len(ids) != 1:
+        raise BadRequest("one entry, not several")
     if len(ids) > MAX_SELECTED:
         raise BadRequest(f"at most {MAX_SELECTED} entries at once; use 'all matching'")
     return ids
@@ -617,7 +674,7 @@ def _positive_int(value: str | None, what: str) -> int | None:
     if value is None or value.strip() == "":
         return None
     text = value.strip()
-    if not text.isdigit() or len(text) > 18 or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) < 1:
         raise BadRequest(f"{what}: a whole number >= 1")
     return int(text)
 
@@ -673,6 +730,17 @@ def _utc_text(unix: float) -> str:
 
 def _number_text(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _loopback_host(scope: Any) -> bool:
+    """Whether the request's Host names this machine's loopback (any port)."""
+    host = ""
+    for name, value in scope.get("headers", []):
+        if name == b"host":
+            host = value.decode("latin-1")
+            break
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    return name.lower() in ("localhost", "127.0.0.1", "[::1]")
 
 
 def is_loopback(host: str) -> bool:

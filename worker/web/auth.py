@@ -14,8 +14,11 @@ user, the CSRF token and when it began, and forgets it after `web_session_second
 or SESSION_MAX_SECONDS after it began. A user's role is read from the users at every
 request, so a user removed from the file loses their sessions at the console's restart.
 
-Failed logins are counted per user name and per client address; past FREE_FAILURES in a
-row, each further attempt waits a lockout that doubles up to LOCKOUT_MAX_SECONDS.
+Failed logins are counted per (user name, client address) and per client address; past
+FREE_FAILURES in a row, each further attempt waits a lockout that doubles up to
+LOCKOUT_MAX_SECONDS. At most MAX_CONCURRENT_HASHES passwords are checked at once per process
+(scrypt takes 16 MiB each): a flood of logins is refused, not let run the console out of
+memory.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker import keys
+from worker import keys, scripts
 from worker.settings import ENV_PREFIX, Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -45,6 +48,7 @@ FAILURE_WINDOW_SECONDS = 900  # a run of failures is forgotten this long after i
 LOCKOUT_BASE_SECONDS = 15  # the first lockout; doubled with each further failure
 LOCKOUT_MAX_SECONDS = 900
 FAILURE_DELAY_SECONDS = 1.0  # every failed login is answered this late
+MAX_CONCURRENT_HASHES = 4  # password checks at once per console process
 MAX_NAME_CHARS = 64
 
 # scrypt's cost: 16 MiB and ~50 ms per hash here, the RFC 7914 interactive setting.
@@ -211,9 +215,10 @@ class Sessions:
             pipe.execute()
         return cookie, session
 
-    def get(self, cookie: str | None, users: Users | None) -> Session | None:
-        """The session of this cookie, still valid, its idle lifetime renewed; else None.
-        The role is the user's today (`users`; None: --no-auth, the session's own)."""
+    def get(self, cookie: str | None, users: Users | None, *, renew: bool = True) -> Session | None:
+        """The session of this cookie, still valid, its idle lifetime renewed (unless not
+        `renew`); else None. The role is the user's today (`users`; None: --no-auth, the
+        session's own)."""
         if not cookie or len(cookie) > 128:
             return None
         digest = _digest(cookie)
@@ -233,7 +238,8 @@ class Sessions:
         if role not in ROLES or ttl <= 0 or not fields.get("csrf"):
             self.redis.delete(key)
             return None
-        self.redis.expire(key, ttl)
+        if renew:
+            self.redis.expire(key, ttl)
         return Session(user_name, role, fields["csrf"], digest)
 
     def end(self, session: Session) -> None:
@@ -253,44 +259,41 @@ def csrf_ok(session: Session, sent: str | None) -> bool:
 
 
 class LoginThrottle:
-    """Failed logins in a row per user name and per client address, in Redis (shared by
-    every replica of the console)."""
+    """Failed logins in a row per (user name, client address) and per client address, in
+    Redis (shared by every replica of the console).
+
+    `attempt` is asked before a password is checked: it refuses while either count is locked
+    out, else counts the attempt as a failure at once (atomically, so guesses sent in
+    parallel are counted as they arrive); `succeeded` takes the count back. No lock is kept
+    per user name alone: guesses from elsewhere cannot lock a user out of their own address.
+    """
 
     def __init__(self, redis_client: Redis) -> None:
         self.redis = redis_client
+        self._attempt = redis_client.register_script(scripts.load("web_login_attempt"))
 
-    def wait_seconds(self, name: str, client: str) -> int:
-        """0 when a login may be tried now, else how long until it may."""
-        now = time.time()
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key in self._keys(name, client):
-                pipe.hmget(key, "failures", "last")
-            replies = pipe.execute()
-        wait = 0.0
-        for failures, last in replies:
-            try:
-                until = float(last or 0) + lockout_seconds(int(failures or 0))
-            except ValueError:  # damaged: no lockout rather than a locked-out console
-                continue
-            wait = max(wait, until - now)
-        return int(wait + 0.999) if wait > 0 else 0
-
-    def failed(self, name: str, client: str) -> None:
-        now = repr(time.time())
-        for key in self._keys(name, client):
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hincrby(key, "failures", 1)
-                pipe.hset(key, "last", now)
-                failures, _ = pipe.execute()
-            self.redis.expire(key, FAILURE_WINDOW_SECONDS + lockout_seconds(int(failures)))
+    def attempt(self, name: str, client: str) -> int:
+        """0: try the password now (counted as a failure until `succeeded`); else the
+        seconds to wait."""
+        wait = self._attempt(
+            keys=self._keys(name, client),
+            args=[repr(time.time()), FREE_FAILURES, LOCKOUT_BASE_SECONDS, LOCKOUT_MAX_SECONDS,
+                  FAILURE_WINDOW_SECONDS],
+        )  # fmt: skip
+        seconds = float(wait)
+        return int(seconds + 0.999) if seconds > 0 else 0
 
     def succeeded(self, name: str, client: str) -> None:
-        self.redis.delete(*self._keys(name, client))
+        pair, address = self._keys(name, client)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(pair)
+            pipe.hincrby(address, "failures", -1)  # the attempt counted in advance
+            pipe.execute()
 
     @staticmethod
     def _keys(name: str, client: str) -> list[str]:
         return [
-            keys.web_login_failures(_digest(f"user:{name}")),
+            keys.web_login_failures(_digest(f"user:{name}\nclient:{client}")),
             keys.web_login_failures(_digest(f"client:{client}")),
         ]
 

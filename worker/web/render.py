@@ -40,7 +40,7 @@ def payload_view(entry: dict[str, Any]) -> dict[str, Any]:
     kind, text = "text", raw
     try:
         parsed = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read: as text
         pass
     else:
         if isinstance(parsed, dict | list):
