@@ -137,3 +137,56 @@ def test_sigterm_mid_run_stops_everything(tmp_path: Path) -> None:
             process.wait(10)
     assert "interrupted; stopping everything" in output.read_text()
     assert_nothing_left(output.read_text())
+
+
+def test_demo_web_serves_the_console_on_the_demo_until_enter(tmp_path: Path) -> None:
+    """`demo --web`: after the summary the console runs on the demo's Redis; the printed
+    one-time password logs in, its dead-letter page lists the demo's dead letters, and Enter
+    stops everything, the console too."""
+    import httpx
+
+    output = tmp_path / "demo.out"
+    with output.open("w") as sink:
+        process = subprocess.Popen(
+            demo_command("--web"), env=demo_env(), cwd=ROOT, stdin=subprocess.PIPE,
+            stdout=sink, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        line = re.compile(
+            r"^console: (http://127\.0\.0\.1:\d+)/  \(user admin, one-time password (\S+)\)$", re.M
+        )  # noqa: E501
+        wait_for(lambda: line.search(output.read_text()), timeout=DEMO_TIMEOUT, what="console")
+        found = line.search(output.read_text())
+        assert found is not None
+        base, password = found.group(1), found.group(2)
+        with httpx.Client(base_url=base, follow_redirects=True, timeout=10) as client:
+            page = client.get("/dead-letters")
+            assert page.url.path == "/login"
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert token is not None
+            answer = client.post(
+                "/login", data={"csrf": token.group(1), "user": "admin", "password": password,
+                                "next": "/dead-letters"},
+            )  # fmt: skip
+            assert answer.status_code == 200 and answer.url.path == "/dead-letters"
+            assert len(re.findall(r'<tr data-id="dl-\d+"', answer.text)) >= len(EXPECTED_REASONS)
+            for reason in EXPECTED_REASONS:
+                assert reason in answer.text
+        assert password not in output.read_text().split("console:", 1)[0]  # printed once
+        assert process.stdin is not None
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out = output.read_text()
+    assert "console" in out.split("stopped and removed:", 1)[1]
+    assert_nothing_left(out)
+    try:
+        httpx.get(f"{base}/healthz", timeout=2)
+    except httpx.HTTPError:
+        pass
+    else:
+        raise AssertionError("the console still answers after the demo stopped")
