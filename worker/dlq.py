@@ -1,11 +1,12 @@
 """The dead-letter store: results the worker gave up on, kept in Redis (docs/interface.md).
 
 Each entry is one JSON string under `keys.dlq_entry(id)`, indexed three ways (all, by
-reason, by brand) in zsets scored by its sequence number, so the newest page of a 100k
-store is one ZREVRANGE. `keys.DLQ_COUNTS` keeps the counts per reason and brand for
-`stats()`, and `keys.DLQ_BYTES` the total size of the stored entry JSON strings. Writes are
-atomic (Lua scripts, alone or in the caller's MULTI/EXEC): an entry is never half in the
-store.
+reason, by brand) in zsets scored in commit order (its sequence number, or one above
+the last score when an entry with a later number committed first: dlq_add.lua), so the
+newest page of a 100k store is one ZREVRANGE. `keys.DLQ_COUNTS` keeps the counts per
+reason and brand for `stats()`, and `keys.DLQ_BYTES` the total size of the stored entry
+JSON strings. Writes are atomic (Lua scripts, alone or in the caller's MULTI/EXEC): an
+entry is never half in the store.
 
 The store never discards on its own: entries leave only by `remove`, `purge` or `replay`.
 `warn_entries` / `warn_bytes` are a warning, not a bound: at or past either one `stats()`
@@ -569,9 +570,10 @@ class DeadLetterStore:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:  # one call per key: each touches one slot
-                self._head_script(
+                # as EVAL: a registered script in a pipeline costs a SCRIPT EXISTS first
+                scripts.queue(
+                    pipe, self._head_script,
                     keys=[keys.dlq_entry(entry_id)], args=[HEAD_BYTES, _PAYLOAD_MARKER],
-                    client=pipe,
                 )  # fmt: skip
             raws = pipe.execute()
         heads = [_loads(raw + "}") if raw else None for raw in map(_as_text, raws)]

@@ -227,12 +227,14 @@ SCHEDULE = f"{PREFIX}:schedule"
 # results dead-lettered, at most one entry per result (rid). Past dlq_warn_entries or
 # dlq_warn_bytes it warns (log, `dlq stats`, metrics) and keeps everything.
 DLQ_SEQ = f"{PREFIX}:dlq:seq"  # string counter: ids are dl-<seq>
-DLQ_INDEX = f"{PREFIX}:dlq:index"  # zset id -> seq (newest = highest)
+DLQ_INDEX = f"{PREFIX}:dlq:index"  # zset id -> commit order (dlq_add.lua; newest highest)
 DLQ_COUNTS = f"{PREFIX}:dlq:counts"  # hash reason:<r> / brand:<b> -> count
 # string counter: total bytes of the stored entry JSON strings (sum of their STRLEN);
 # changed with every add and removal in the same script, never negative (deleted at 0).
 DLQ_BYTES = f"{PREFIX}:dlq:bytes"
-# string counter: the dead-letter indexes' last score (commit order; see dlq_add.lua).
+# string counter: the dead-letter indexes' last score (commit order; see dlq_add.lua). Every
+# worker and console of a deployment must run a version that keeps it (an older one scores
+# by seq alone, which can tie with or fall below scores given here): upgrade them together.
 DLQ_ORDER = f"{PREFIX}:dlq:order"
 # hash: hour (unix time // 3600) -> entries added in it; the console's trend. Bounded: hours
 # older than two days are deleted by dlq_add.
@@ -262,12 +264,12 @@ def dlq_by_result(rid: str) -> str:
 
 
 def dlq_by_reason(reason: str) -> str:
-    """zset id -> seq, the entries of one reason (reasons are a fixed set)."""
+    """zset id -> commit order, the entries of one reason (reasons are a fixed set)."""
     return f"{PREFIX}:dlq:reason:{reason}"
 
 
 def dlq_by_brand(brand: str) -> str:
-    """zset id -> seq, the entries of one brand (brand '' = unparsable message). Global,
+    """zset id -> commit order, the entries of one brand (brand '' = unparsable message). Global,
     not under the brand's hash tag: the DLQ scripts change it with the other DLQ keys."""
     return f"{PREFIX}:dlq:brand:{brand}"
 

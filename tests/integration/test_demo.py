@@ -153,8 +153,10 @@ def test_demo_web_serves_the_console_on_the_demo_until_enter(tmp_path: Path) -> 
         )  # fmt: skip
     try:
         line = re.compile(
-            r"^console: (http://127\.0\.0\.1:\d+)/  \(user admin, one-time password (\S+)\)$", re.M
-        )  # noqa: E501
+            r"^console: (http://127\.0\.0\.1:\d+)/  "
+            r"\(user admin, one-time password (\S+)\)$",
+            re.M,
+        )
         wait_for(lambda: line.search(output.read_text()), timeout=DEMO_TIMEOUT, what="console")
         found = line.search(output.read_text())
         assert found is not None

@@ -23,6 +23,7 @@ from worker.audit import AuditTrail
 from worker.cli import cli
 from worker.cli import dlq as dlq_commands
 from worker.dlq import MAX_PAYLOAD_BYTES, REASONS, DeadLetterStore
+from worker.oplog import OperatorLog
 from worker.settings import get_settings
 from worker.testing import clean_env
 
@@ -347,6 +348,50 @@ def test_bulk_purge_of_nothing(store: DeadLetterStore) -> None:
     result = run("dlq", "purge", "--brand", "nobody")
     assert result.exit_code == 0
     assert "purged 0 entries" in result.stdout
+
+
+def fail_after(monkeypatch: pytest.MonkeyPatch, name: str, calls: int) -> None:
+    """DeadLetterStore.`name` works `calls` times, then Redis goes away."""
+    real = getattr(DeadLetterStore, name)
+    done: list[object] = []
+
+    def flaky(self: DeadLetterStore, *args: object, **kwargs: object) -> object:
+        if len(done) >= calls:
+            raise redis_lib.exceptions.ConnectionError("Connection refused")
+        done.append(args)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeadLetterStore, name, flaky)
+
+
+def test_a_bulk_replay_cut_short_by_redis_says_what_it_did(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [add(store, receipt_id=n) for n in (1, 2, 3)]
+    fail_after(monkeypatch, "replay", 1)
+    result = run("dlq", "replay", "--all")
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    assert line.startswith("error: ")
+    assert "1 replayed and 0 refused before it failed" in line
+    assert "Run the same command again for the rest." in line
+    [logged] = OperatorLog(redis).recent()
+    assert (logged["action"], logged["count"], logged["ids"]) == ("replay", 1, [ids[0]])
+    assert store.count() == 2
+
+
+def test_a_bulk_purge_cut_short_by_redis_says_what_it_did(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in (1, 2, 3):
+        add(store, receipt_id=n)
+    fail_after(monkeypatch, "_remove_many", 0)
+    result = run("dlq", "purge", "--all", "--yes")
+    assert result.exit_code == 1
+    assert "0 purged before it failed" in one_line(result.stderr)
+    [logged] = OperatorLog(redis).recent()
+    assert (logged["action"], logged["count"]) == ("purge", 0)
+    assert store.count() == 3
 
 
 # --- receipt ---------------------------------------------------------------------------

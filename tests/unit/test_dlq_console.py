@@ -781,3 +781,16 @@ def test_an_entry_committed_after_the_fence_is_not_selected(
     assert store.count_selected(Selection(reason="auth_failed"), upto=upto) == 1
     assert store.newest_seq() > upto
     assert [e["id"] for e in store.page(Selection()).entries] == [late_id, early_id]
+
+
+def test_a_damaged_order_counter_starts_again_from_the_ids(
+    store: DeadLetterStore, redis: fakeredis.FakeRedis
+) -> None:
+    """A damaged commit-order counter blocks no add: the score falls back to the id's own
+    sequence number, and the counter is repaired."""
+    first = store.add(reason="auth_failed", payload="{}", error="x")
+    redis.set(keys.DLQ_ORDER, "not a number")
+    second = store.add(reason="auth_failed", payload="{}", error="y")
+    assert redis.zscore(keys.DLQ_INDEX, second) == int(second[3:])
+    assert redis.get(keys.DLQ_ORDER) == second[3:]
+    assert [e["id"] for e in store.page(Selection()).entries] == [second, first]

@@ -796,6 +796,30 @@ def test_replaying_one_refused_entry_goes_back_to_it(
     assert csrf in entry_page
 
 
+def test_replaying_one_entry_when_redis_fails_says_so_on_the_list(
+    client: TestClient, store: DeadLetterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing during a replay from an entry's page: the answer is the list with
+    what happened, not an error page from looking the entry up again."""
+    entry_id = add(store)
+    log_in(client)
+    entry_page = client.get(f"/dead-letters/{entry_id}").text
+    console = client.app.state.console
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise redis_lib.exceptions.ConnectionError("gone")
+
+    monkeypatch.setattr(console.store, "replay", gone)
+    monkeypatch.setattr(console.store, "get", gone)  # any look-up would fail too
+    response = client.post(
+        "/dead-letters/apply", data=form_fields(entry_page, "/dead-letters/apply")
+    )
+    assert response.status_code == 303
+    assert urlsplit(response.headers["location"]).path == "/dead-letters"
+    message = parse_qs(urlsplit(response.headers["location"]).query)["done"][0]
+    assert message.startswith("replayed 0, refused 0; then Redis failed (ConnectionError)")
+
+
 def test_replaying_one_entry_from_its_page(
     client: TestClient, r: fakeredis.FakeRedis, store: DeadLetterStore
 ) -> None:
@@ -1529,7 +1553,7 @@ def test_no_auth_answers_only_to_a_loopback_host(r: fakeredis.FakeRedis, setting
         {"Sec-Fetch-Site": "cross-site"},
         {"Sec-Fetch-Site": "same-site"},
         {"Origin": "http://evil.example"},
-        {"Origin": "null"},
+        {"Origin": "http://evil.example", "X-Forwarded-Host": "console.example"},
     ],
 )
 def test_a_post_from_another_site_is_refused_even_with_the_token(
@@ -1546,6 +1570,32 @@ def test_a_post_from_another_site_is_refused_even_with_the_token(
         headers={"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1"},
     )  # fmt: skip
     assert same.status_code == 303
+    assert store.get(entry_id) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "null"},  # a form posted under Referrer-Policy: no-referrer, say
+        {"Origin": "http://console.example", "X-Forwarded-Host": "console.example"},
+        {"Sec-Fetch-Site": "same-origin", "Origin": "http://console.example"},
+        {"Sec-Fetch-Site": "none"},
+        {},
+    ],
+)
+def test_a_post_of_this_site_is_let_through_to_the_token_check(
+    client: TestClient, store: DeadLetterStore, headers: dict[str, str]
+) -> None:
+    """What says nothing (no header, Origin null) or says this site (Sec-Fetch-Site, an
+    Origin naming the proxy's forwarded host) is decided by the CSRF token alone."""
+    entry_id = add(store)
+    csrf = log_in(client)
+    form = {"action": "purge", "scope": "one", "id": entry_id, "upto": "99"}
+    wrong = client.post("/dead-letters/apply", data={**form, "csrf": "x"}, headers=headers)
+    assert wrong.status_code == 403
+    assert store.get(entry_id) is not None
+    right = client.post("/dead-letters/apply", data={**form, "csrf": csrf}, headers=headers)
+    assert right.status_code == 303
     assert store.get(entry_id) is None
 
 

@@ -435,45 +435,148 @@ def test_five_failures_then_a_lockout_that_doubles(
     throttle: LoginThrottle, fake_time: Clock
 ) -> None:
     for _ in range(5):
-        assert throttle.attempt("op", "10.0.0.1") == 0  # each counted as a failure
-    assert throttle.attempt("op", "10.0.0.1") == 15
+        assert throttle.attempt("op", "10.0.0.1").wait == 0  # each counted as a failure
+    assert throttle.attempt("op", "10.0.0.1").wait == 15
     fake_time.now += 14.5
-    assert throttle.attempt("op", "10.0.0.1") == 1  # rounded up
+    assert throttle.attempt("op", "10.0.0.1").wait == 1  # rounded up
     fake_time.now += 0.5
-    assert throttle.attempt("op", "10.0.0.1") == 0  # the 6th
-    assert throttle.attempt("op", "10.0.0.1") == 30
+    assert throttle.attempt("op", "10.0.0.1").wait == 0  # the 6th
+    assert throttle.attempt("op", "10.0.0.1").wait == 30
     fake_time.now += 30
-    assert throttle.attempt("op", "10.0.0.1") == 0  # the 7th
-    assert throttle.attempt("op", "10.0.0.1") == 60
+    assert throttle.attempt("op", "10.0.0.1").wait == 0  # the 7th
+    assert throttle.attempt("op", "10.0.0.1").wait == 60
 
 
 def test_a_burst_of_attempts_is_counted_as_it_arrives(throttle: LoginThrottle) -> None:
     """Attempts are counted before their password is checked: of 50 sent at once (none
     taken back yet), only the free ones go ahead."""
-    allowed = [throttle.attempt("admin", "10.0.0.1") == 0 for _ in range(50)]
+    allowed = [throttle.attempt("admin", "10.0.0.1").wait == 0 for _ in range(50)]
     assert allowed.count(True) == FREE_FAILURES
 
 
 def test_failures_count_per_user_and_client_and_per_client(throttle: LoginThrottle) -> None:
     for n in range(5):
-        assert throttle.attempt(f"guess{n}", "10.0.0.1") == 0  # one client trying names
-    assert throttle.attempt("op", "10.0.0.1") == 15  # the client is slowed, for any name
-    assert throttle.attempt("op", "10.0.0.2") == 0  # others are not
+        assert throttle.attempt(f"guess{n}", "10.0.0.1").wait == 0  # one client trying names
+    assert throttle.attempt("op", "10.0.0.1").wait == 15  # the client is slowed, for any name
+    assert throttle.attempt("op", "10.0.0.2").wait == 0  # others are not
     for _ in range(5):
         throttle.attempt("viewer", "10.0.0.3")
     # guesses from one address do not lock the user out of another one
-    assert throttle.attempt("viewer", "10.0.0.9") == 0
+    assert throttle.attempt("viewer", "10.0.0.9").wait == 0
 
 
 def test_a_success_takes_its_attempt_back(throttle: LoginThrottle, r: fakeredis.FakeRedis) -> None:
     for _ in range(4):
         throttle.attempt("op", "10.0.0.1")
-    assert throttle.attempt("op", "10.0.0.1") == 0
-    throttle.succeeded("op", "10.0.0.1")
+    attempt = throttle.attempt("op", "10.0.0.1")
+    assert attempt.wait == 0
+    throttle.take_back("op", "10.0.0.1", attempt, succeeded=True)
     client_key = keys.web_login_failures(digest("client:10.0.0.1"))
     assert r.keys("*") == [client_key]  # the (user, client) count is gone
     assert r.hget(client_key, "failures") == "4"
-    assert throttle.attempt("op", "10.0.0.1") == 0
+    assert throttle.attempt("op", "10.0.0.1").wait == 0
+
+
+def test_a_success_does_not_move_the_clients_lockout(
+    throttle: LoginThrottle, r: fakeredis.FakeRedis, fake_time: Clock
+) -> None:
+    """A client past its free failures logs in once its lockout is over: the success puts
+    the count and the time of the last failure back as they were, so it is not locked out
+    again from now."""
+    for n in range(5):
+        throttle.attempt(f"guess{n}", "10.0.0.1")
+    client_key = keys.web_login_failures(digest("client:10.0.0.1"))
+    before = r.hgetall(client_key)
+    ttl = r.ttl(client_key)
+    fake_time.now += 15
+    attempt = throttle.attempt("op", "10.0.0.1")
+    assert attempt.wait == 0
+    throttle.take_back("op", "10.0.0.1", attempt, succeeded=True)
+    assert r.hgetall(client_key) == before
+    assert r.ttl(client_key) >= ttl  # kept: set for the longer count
+    assert throttle.attempt("viewer", "10.0.0.1").wait == 0  # no lockout from the success
+
+
+def test_a_later_attempt_keeps_its_time_when_an_earlier_one_is_taken_back(
+    throttle: LoginThrottle, r: fakeredis.FakeRedis, fake_time: Clock
+) -> None:
+    first = throttle.attempt("op", "10.0.0.1")
+    fake_time.now += 2
+    second = throttle.attempt("guess", "10.0.0.1")
+    throttle.take_back("op", "10.0.0.1", first, succeeded=True)
+    client_key = keys.web_login_failures(digest("client:10.0.0.1"))
+    assert r.hgetall(client_key) == {"failures": "1", "last": second.at}
+
+
+def test_an_attempt_never_checked_is_taken_back_from_both_counts(
+    throttle: LoginThrottle, r: fakeredis.FakeRedis
+) -> None:
+    """No hashing slot: the attempt is undone, but the (user, client) failures before it
+    stay (a flood cannot wipe them)."""
+    for _ in range(3):
+        throttle.attempt("op", "10.0.0.1")
+    pair_key = keys.web_login_failures(digest("user:op\nclient:10.0.0.1"))
+    before = r.hgetall(pair_key)
+    attempt = throttle.attempt("op", "10.0.0.1")
+    throttle.take_back("op", "10.0.0.1", attempt, succeeded=False)
+    assert r.hgetall(pair_key) == before
+    client_key = keys.web_login_failures(digest("client:10.0.0.1"))
+    assert r.hget(client_key, "failures") == "3"
+    throttle.take_back("op", "10.0.0.2", throttle.attempt("op", "10.0.0.2"), succeeded=False)
+    assert not r.keys(keys.web_login_failures(digest("client:10.0.0.2")))
+
+
+def test_taking_back_an_attempt_whose_count_lapsed_writes_nothing(
+    throttle: LoginThrottle, r: fakeredis.FakeRedis
+) -> None:
+    attempt = throttle.attempt("op", "10.0.0.1")
+    r.flushall()  # the counts lapsed (or were evicted) meanwhile
+    throttle.take_back("op", "10.0.0.1", attempt, succeeded=True)
+    throttle.take_back("op", "10.0.0.1", attempt, succeeded=False)
+    assert r.keys("*") == []  # no key without a lifetime, no negative count
+
+
+def test_a_refused_attempt_has_nothing_to_take_back(
+    throttle: LoginThrottle, r: fakeredis.FakeRedis
+) -> None:
+    for _ in range(5):
+        throttle.attempt("op", "10.0.0.1")
+    refused = throttle.attempt("op", "10.0.0.1")
+    assert refused.wait > 0
+    throttle.take_back("op", "10.0.0.1", refused, succeeded=True)
+    assert r.hget(keys.web_login_failures(digest("client:10.0.0.1")), "failures") == "5"
+
+
+def test_a_failure_stamped_by_a_clock_ahead_locks_nobody_out(
+    throttle: LoginThrottle, r: fakeredis.FakeRedis, fake_time: Clock
+) -> None:
+    """Replicas' clocks differ: below the free failures a 'last' in the future is no
+    lockout."""
+    key = keys.web_login_failures(digest("client:10.0.0.1"))
+    r.hset(key, mapping={"failures": "2", "last": repr(fake_time.now + 30)})
+    assert throttle.attempt("op", "10.0.0.1").wait == 0
+
+
+@pytest.mark.parametrize(
+    ("address", "group"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("testclient", "testclient"),
+        ("?", "?"),
+    ],
+)
+def test_a_client_is_its_ipv4_address_or_its_ipv6_64(address: str, group: str) -> None:
+    assert auth.client_group(address) == group
+
+
+def test_the_addresses_of_one_ipv6_64_share_their_count(throttle: LoginThrottle) -> None:
+    for n in range(5):
+        assert throttle.attempt("op", f"2001:db8::{n + 1}").wait == 0
+    assert throttle.attempt("op", "2001:db8::ff").wait == 15
+    assert throttle.attempt("op", "2001:db8:0:1::1").wait == 0  # another /64
 
 
 def test_the_failure_count_lapses(throttle: LoginThrottle, r: fakeredis.FakeRedis) -> None:
@@ -494,7 +597,7 @@ def test_the_lockout_is_capped(
 ) -> None:
     key = keys.web_login_failures(digest("client:x"))
     r.hset(key, mapping={"failures": "100000", "last": repr(fake_time.now)})
-    assert throttle.attempt("op", "x") == LOCKOUT_MAX_SECONDS
+    assert throttle.attempt("op", "x").wait == LOCKOUT_MAX_SECONDS
 
 
 def test_a_damaged_count_locks_nobody_out(
@@ -502,7 +605,7 @@ def test_a_damaged_count_locks_nobody_out(
 ) -> None:
     key = keys.web_login_failures(digest("user:op\nclient:10.0.0.1"))
     r.hset(key, mapping={"failures": "x", "last": "y"})
-    assert throttle.attempt("op", "10.0.0.1") == 0
+    assert throttle.attempt("op", "10.0.0.1").wait == 0
 
 
 # --- `fiscal-worker web-user` ----------------------------------------------------------

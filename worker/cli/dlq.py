@@ -6,7 +6,7 @@ import getpass
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import redis
@@ -16,6 +16,7 @@ from worker.cli._root import (
     _cell,
     _clean,
     _console,
+    _describe_redis_error,
     _fail,
     _Group,
     _print_json,
@@ -208,17 +209,22 @@ def dlq_replay(
     else:
         candidates = store.ids(reason=reason, brand=brand)
     outcome = Replayed([], [])
+    failed: redis.exceptions.RedisError | None = None
     try:
         store.replay_many(candidates, stream=stream, into=outcome)
-    finally:  # what was done is logged, even when Redis fails midway
-        _log_action(
-            "replay",
-            _selected(entry_id, reason, brand),
-            len(outcome.replayed),
-            refused=len(outcome.refused),
-            ids=[item["id"] for item in outcome.replayed],
-        )
+    except redis.exceptions.RedisError as exc:
+        failed = exc
+    # what was done is logged, even when Redis failed midway
+    _log_action(
+        "replay",
+        _selected(entry_id, reason, brand),
+        len(outcome.replayed),
+        refused=len(outcome.refused),
+        ids=[item["id"] for item in outcome.replayed],
+    )
     replayed, refused = outcome
+    if failed is not None:
+        _stopped_by(failed, f"{len(replayed)} replayed and {len(refused)} refused before it failed")
     if as_json:
         _print_json({"replayed": replayed, "refused": refused})
     else:
@@ -262,16 +268,26 @@ def dlq_purge(
             if not click.confirm(f"Purge {pending} entries?", default=False, err=True):
                 _fail("not confirmed; nothing purged")
         removed: list[str] = []
+        failed: redis.exceptions.RedisError | None = None
         try:
             if pending:
                 store.remove_many(store.ids(reason=reason, brand=brand), into=removed)
-        finally:
-            _log_action("purge", _selected(entry_id, reason, brand), len(removed), ids=removed)
+        except redis.exceptions.RedisError as exc:
+            failed = exc
+        _log_action("purge", _selected(entry_id, reason, brand), len(removed), ids=removed)
+        if failed is not None:
+            _stopped_by(failed, f"{len(removed)} purged before it failed")
         purged = len(removed)
     if as_json:
         _print_json({"purged": purged})
     else:
         click.echo(f"purged {purged} entr{'y' if purged == 1 else 'ies'}")
+
+
+def _stopped_by(exc: redis.exceptions.RedisError, done: str) -> NoReturn:
+    """A bulk action cut short by Redis: say what was done (it stays done: those entries
+    are out of the store) and how to go on, on one line; exit 1."""
+    _fail(f"{_describe_redis_error(exc)}; {done}. Run the same command again for the rest.")
 
 
 def _selected(entry_id: str | None, reason: str | None, brand: str | None) -> dict[str, Any]:

@@ -17,7 +17,8 @@ local existing = by_result and redis.call('GET', by_result)
 if existing and redis.call('ZSCORE', KEYS[2], existing) then
   return {existing, 0}
 end
-local score = math.max(tonumber(ARGV[4]), tonumber(redis.call('GET', KEYS[8]) or '0') + 1)
+local last = tonumber(redis.call('GET', KEYS[8]) or '0') or 0  -- a damaged counter: from 0
+local score = math.max(tonumber(ARGV[4]), last + 1)
 redis.call('SET', KEYS[8], score)
 redis.call('SET', KEYS[1], ARGV[5])
 for i = 2, 4 do

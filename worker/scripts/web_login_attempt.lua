@@ -1,9 +1,11 @@
 -- web_login_attempt: may this login be tried now? If so, count it as a failure in advance
--- (a success takes it back), so a burst of guesses in parallel is counted as it arrives.
+-- (web_login_take_back undoes that for a success), so a burst of guesses in parallel is
+-- counted as it arrives.
 -- KEYS: [1] the (user, client) counter, [2] the client's counter: hashes {failures, last}.
 -- ARGV: [1] now (unix s), [2] free failures, [3] first lockout (s), [4] longest lockout (s),
 --       [5] how long a run of failures is remembered after its lockout (s).
--- Returns '0' when the attempt may go ahead (counted), else the seconds to wait (a string).
+-- Returns {'0', previous last of KEYS[1], previous last of KEYS[2]} ('' where none) when the
+-- attempt may go ahead (counted), else {seconds to wait} (strings).
 local now, free = tonumber(ARGV[1]), tonumber(ARGV[2])
 local base, longest, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local function lockout(failures)
@@ -16,14 +18,19 @@ local wait = 0
 for i = 1, 2 do
   local failures = tonumber(redis.call('HGET', KEYS[i], 'failures') or '0') or 0
   local last = tonumber(redis.call('HGET', KEYS[i], 'last') or '0') or 0
-  wait = math.max(wait, last + lockout(failures) - now)
+  local locked = lockout(failures)
+  if locked > 0 then  -- only a lockout waits: a 'last' ahead of this clock is not one
+    wait = math.max(wait, last + locked - now)
+  end
 end
 if wait > 0 then
-  return tostring(wait)
+  return {tostring(wait)}
 end
+local previous = {}
 for i = 1, 2 do  -- a damaged count starts again from 0
   local failures = (tonumber(redis.call('HGET', KEYS[i], 'failures') or '0') or 0) + 1
+  previous[i] = redis.call('HGET', KEYS[i], 'last') or ''
   redis.call('HSET', KEYS[i], 'failures', failures, 'last', ARGV[1])
   redis.call('EXPIRE', KEYS[i], math.ceil(window + lockout(failures)))
 end
-return '0'
+return {'0', previous[1], previous[2]}

@@ -23,6 +23,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -369,22 +370,29 @@ async def _login(request: Request) -> Response:
         )  # fmt: skip
     name, password = (_one(form, "user") or "").strip(), _one(form, "password") or ""
     client = request.client.host if request.client else "?"
-    if console.hashing >= MAX_CONCURRENT_HASHES:
-        log.warning(kv("web_login_busy", client=client))
-        return PlainTextResponse("too many logins at once; try again", status_code=503)
-    console.hashing += 1  # the event loop's own count: no lock needed
+    user = None
     try:
-        wait = await run_in_threadpool(console.throttle.attempt, name, client)
-        user = None
-        if wait == 0 and valid_name(name) and password:
-            user = await run_in_threadpool(console.users.authenticate, name, password)
+        attempt = await run_in_threadpool(console.throttle.attempt, name, client)
+        if attempt.wait == 0 and valid_name(name) and password:
+            if console.hashing >= MAX_CONCURRENT_HASHES:  # not checked: not counted
+                await run_in_threadpool(
+                    partial(console.throttle.take_back, name, client, attempt, succeeded=False)
+                )
+                log.warning(kv("web_login_busy", client=client))
+                return PlainTextResponse("too many logins at once; try again", status_code=503)
+            console.hashing += 1  # the event loop's own count: no lock needed
+            try:
+                user = await run_in_threadpool(console.users.authenticate, name, password)
+            finally:
+                console.hashing -= 1
         if user is not None:
-            await run_in_threadpool(console.throttle.succeeded, name, client)
+            await run_in_threadpool(
+                partial(console.throttle.take_back, name, client, attempt, succeeded=True)
+            )
             cookie, _ = await run_in_threadpool(console.sessions.create, user.name, user.role)
     except redis.exceptions.RedisError as exc:
         return PlainTextResponse(_redis_trouble(exc), status_code=503)
-    finally:
-        console.hashing -= 1
+    wait = attempt.wait
     if wait > 0:
         log.warning(kv("web_login_refused", user=printable(name)[:64], wait=wait))
         return _login_form(
@@ -416,14 +424,18 @@ def _redis_trouble(exc: redis.exceptions.RedisError) -> str:
 
 def _cross_site(request: Request) -> bool:
     """Whether a state-changing request came from another site (a second line behind the
-    CSRF token and SameSite=Strict): Sec-Fetch-Site, else an Origin for another host."""
+    CSRF token and SameSite=Strict). Sec-Fetch-Site decides where the browser sends it;
+    else an Origin naming neither the Host nor the X-Forwarded-Host (a proxy may rewrite
+    Host). `Origin: null` (a form posted under `Referrer-Policy: no-referrer`, say) or none
+    says nothing: the token decides."""
     site = request.headers.get("sec-fetch-site")
     if site is not None:
         return site not in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return False
-    return origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")
+    hosts = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")}
+    return urlsplit(origin).netloc not in hosts - {""}
 
 
 def _same(a: str, b: str) -> bool:
@@ -532,7 +544,8 @@ def _receipt(console: Console, request: Request, session: Session, form: Any) ->
 def _replay_selected(console: Console, request: Request, session: Session, form: Any) -> Response:
     """Replay the ticked entries at once (a replay is idempotent: no confirmation)."""
     ids = _ids(form)
-    return _back(form, _act(console, session, "replay", {"ids": len(ids)}, ids))
+    message, _ = _act(console, session, "replay", {"ids": len(ids)}, ids)
+    return _back(form, message)
 
 
 def _confirm(console: Console, request: Request, session: Session, form: Any) -> Response:
@@ -564,9 +577,9 @@ def _apply(console: Console, request: Request, session: Session, form: Any) -> R
     else:
         ids = _ids(form, one=scope == "one")
         chosen, described = ids, ({"id": ids[0]} if scope == "one" else {"ids": len(ids)})
-    message = _act(console, session, action, described, chosen)
-    if scope == "one" and action == "replay" and console.store.get(ids[0]) is not None:
-        return _back({"back": [f"/dead-letters/{ids[0]}"]}, message)  # refused: it stays
+    message, refused = _act(console, session, action, described, chosen)
+    if scope == "one" and refused:  # it stays: back to its page, which says why
+        return _back({"back": [f"/dead-letters/{ids[0]}"]}, message)
     return _back({"back": [_one(form, "back") or "/dead-letters"]}, message)
 
 
@@ -579,9 +592,9 @@ def _action(form: dict[str, list[str]]) -> tuple[str, str]:
 
 def _act(
     console: Console, session: Session, action: str, described: dict[str, Any], chosen: Any
-) -> str:
+) -> tuple[str, bool]:
     """Replay or purge `chosen`, and write the operator log with what was done, even when
-    Redis fails midway; returns the message for the page."""
+    Redis fails midway; returns the message for the page and whether any was refused."""
     outcome = Replayed([], [])
     failure: redis.exceptions.RedisError | None = None
     try:
@@ -614,7 +627,7 @@ def _act(
             f"; the operator log could not be written to Redis ({exc.__class__.__name__}): "
             "the console's log output has it"
         )
-    return message
+    return message, bool(refused)
 
 
 def _back(form: dict[str, list[str]], message: str) -> Response:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -258,44 +259,78 @@ def csrf_ok(session: Session, sent: str | None) -> bool:
 # --- the login slow-down ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """What `LoginThrottle.attempt` answered: `wait` 0 means go ahead (the attempt is counted
+    as a failure until taken back); the rest lets `take_back` restore the counters."""
+
+    wait: int
+    at: str = ""
+    previous: tuple[str, str] = ("", "")
+
+
 class LoginThrottle:
-    """Failed logins in a row per (user name, client address) and per client address, in
-    Redis (shared by every replica of the console).
+    """Failed logins in a row per (user name, client) and per client, in Redis (shared by
+    every replica of the console). A client is its address, or its /64 network for IPv6
+    (one host is usually given a whole /64: its addresses are one client).
 
     `attempt` is asked before a password is checked: it refuses while either count is locked
     out, else counts the attempt as a failure at once (atomically, so guesses sent in
-    parallel are counted as they arrive); `succeeded` takes the count back. No lock is kept
-    per user name alone: guesses from elsewhere cannot lock a user out of their own address.
+    parallel are counted as they arrive); `take_back` undoes that for a login that succeeded
+    or whose password was never checked. No lock is kept per user name alone: guesses from
+    elsewhere cannot lock a user out of their own address (what bounds guessing from many
+    addresses: docs/console.md, "Logins").
     """
 
     def __init__(self, redis_client: Redis) -> None:
         self.redis = redis_client
         self._attempt = redis_client.register_script(scripts.load("web_login_attempt"))
+        self._take_back = redis_client.register_script(scripts.load("web_login_take_back"))
 
-    def attempt(self, name: str, client: str) -> int:
-        """0: try the password now (counted as a failure until `succeeded`); else the
-        seconds to wait."""
-        wait = self._attempt(
+    def attempt(self, name: str, client: str) -> Attempt:
+        at = repr(time.time())
+        answer = self._attempt(
             keys=self._keys(name, client),
-            args=[repr(time.time()), FREE_FAILURES, LOCKOUT_BASE_SECONDS, LOCKOUT_MAX_SECONDS,
+            args=[at, FREE_FAILURES, LOCKOUT_BASE_SECONDS, LOCKOUT_MAX_SECONDS,
                   FAILURE_WINDOW_SECONDS],
         )  # fmt: skip
-        seconds = float(wait)
-        return int(seconds + 0.999) if seconds > 0 else 0
+        fields = [item.decode() if isinstance(item, bytes) else str(item) for item in answer]
+        seconds = float(fields[0])
+        if seconds > 0:
+            return Attempt(wait=int(seconds + 0.999))
+        return Attempt(wait=0, at=at, previous=(fields[1], fields[2]))
 
-    def succeeded(self, name: str, client: str) -> None:
-        pair, address = self._keys(name, client)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(pair)
-            pipe.hincrby(address, "failures", -1)  # the attempt counted in advance
-            pipe.execute()
+    def take_back(self, name: str, client: str, attempt: Attempt, *, succeeded: bool) -> None:
+        """Undo an attempt that went ahead: `succeeded` (the password was right: the
+        (user, client) count is cleared) or never checked (no hashing slot was free)."""
+        if attempt.wait:
+            return
+        self._take_back(
+            keys=self._keys(name, client),
+            args=[attempt.at, *attempt.previous, "1" if succeeded else "0"],
+        )
 
     @staticmethod
     def _keys(name: str, client: str) -> list[str]:
+        group = client_group(client)
         return [
-            keys.web_login_failures(_digest(f"user:{name}\nclient:{client}")),
-            keys.web_login_failures(_digest(f"client:{client}")),
+            keys.web_login_failures(_digest(f"user:{name}\nclient:{group}")),
+            keys.web_login_failures(_digest(f"client:{group}")),
         ]
+
+
+def client_group(address: str) -> str:
+    """The client a login is counted against: an IPv4 address (also one mapped into IPv6),
+    the /64 network of an IPv6 one, or the text as given when it is no address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def lockout_seconds(failures: int) -> int:
