@@ -311,13 +311,14 @@ class Stack:
 
     # --- results -----------------------------------------------------------------------
 
-    def batch(self, per_brand: int) -> dict[Key, str]:
-        """Fresh receipts, `per_brand` of each brand, interleaved: {(brand, id): fiscal_id}."""
+    def batch(self, per_brand: int, brands: tuple[str, ...] | None = None) -> dict[Key, str]:
+        """Fresh receipts, `per_brand` of each brand (the stack's unless `brands`),
+        interleaved: {(brand, id): fiscal_id}."""
         first, self._next_id = self._next_id, self._next_id + per_brand
         return {
             (brand, rid): f"F{rid}-{brand[-1]}"
             for rid in range(first, first + per_brand)
-            for brand in self.brands
+            for brand in (self.brands if brands is None else brands)
         }
 
     def submit(self, results: Mapping[Key, str]) -> Mapping[Key, str]:

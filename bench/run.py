@@ -60,6 +60,7 @@ FIGURES = (
     Figure("dlq_scale", "bench.dlq_scale"),
     Figure("scale_out", "bench.throughput", "measure_scale_out", plot="plot_scale_out"),
     Figure("redis_cost", "bench.redis_cost"),
+    Figure("footprint", "bench.footprint"),
 )
 
 

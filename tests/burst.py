@@ -37,7 +37,6 @@ from worker.clopos.tokens import TokenProvider
 from worker.clopos.wire import Wire
 from worker.dispatcher import Dispatcher
 from worker.dlq import DeadLetterStore
-from worker.idempotency import FiscalisedMarkers
 from worker.ingest import IngestConsumer
 from worker.pipeline import Fiscaliser, Outcome
 from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
@@ -187,7 +186,6 @@ class Burst:
             credentials=credentials,
             dlq=self.dlq,
             audit=self.audit,
-            markers=FiscalisedMarkers(self.r, ttl_seconds=3600),
             policy=self.policy,
             budget=BrandBudget(self.r, rate, clock=self.clock),
             breaker=CircuitBreaker(self.r, clock=self.clock),

@@ -28,6 +28,7 @@ from contextlib import AbstractContextManager
 import redis
 
 from worker import keys, telemetry
+from worker.audit_events import AuditEvents
 from worker.dlq import DeadLetterStore, Reason
 from worker.logs import describe, kv
 from worker.store import Claimed, ResultStore
@@ -89,6 +90,7 @@ class Dispatcher:
         dlq: DeadLetterStore,
         batch: PublishBatch = contextlib.nullcontext,
         clock: Callable[[], float] = time.time,
+        events: AuditEvents | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -98,6 +100,7 @@ class Dispatcher:
         self.dlq = dlq
         self.clock = clock
         self._sweep_cursor = 0
+        self.events = events or AuditEvents()
 
     def run_once(self) -> int:
         """One admission pass; returns how many due results it handled (published or
@@ -146,6 +149,13 @@ class Dispatcher:
             except redis.WatchError:
                 return None
         log.error(kv("result_orphaned", rid=rid, dlq_id=dlq_id))
+        self.events.finished(
+            "dead_lettered",
+            rid=rid,
+            reason=Reason.RETRIES_EXHAUSTED,
+            dlq_id=dlq_id,
+            error=ORPHAN_ERROR,
+        )
         return dlq_id
 
     def sweep_unscheduled(self) -> int:

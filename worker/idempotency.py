@@ -6,15 +6,16 @@ receipt lock   SET NX with a TTL (LOCK_SECONDS): only its holder calls the API f
                lock and extends it, atomically with its result's lease
                (worker/gate.py, gate_check); a run whose lock lapsed takes it again and reads the
                receipt again before it writes, or steps aside.
-fiscalised     the fiscal_id a receipt was fiscalised with, kept marker_ttl (30 days):
-marker         a duplicate costs no API call while it lives; after it expires the GET
-               check still prevents a second PATCH.
+fiscalised     the receipt's record (keys.receipt, worker/audit.py) in state `f`, with
+marker         the fiscal_id it was fiscalised with, kept the audit window at least: a
+               duplicate costs no API call while it lives; after it expires the GET check
+               still prevents a second PATCH. (A legacy marker, keys.legacy_fiscalised, is
+               read too until it expires.)
 """
 
 from __future__ import annotations
 
 import secrets
-import time
 
 import redis
 
@@ -45,7 +46,8 @@ class ReceiptLock:
         self.redis = redis_client
         self.ttl_ms = int(seconds * 1000)
         self.key = keys.receipt_lock(brand, receipt_id)
-        self.marker_key = keys.fiscalised(brand, receipt_id)
+        self.record_key = keys.receipt(brand, receipt_id)
+        self.legacy_marker_key = keys.legacy_fiscalised(brand, receipt_id)
         self.rid, self.dispatch = rid, dispatch
         self.token = f"{rid}:{dispatch}:{secrets.token_hex(6)}"
         self._acquire = redis_client.register_script(scripts.load("idempotency_acquire"))
@@ -60,7 +62,7 @@ class ReceiptLock:
         unless the receipt is marked fiscalised: (taken, the marker's fiscal id or None),
         in one round trip."""
         taken, marked = self._acquire(
-            keys=[self.key, self.marker_key],
+            keys=[self.key, self.record_key, self.legacy_marker_key],
             args=[self.token, self.ttl_ms, f"{self.rid}:", self.dispatch],
         )
         marked = marked.decode() if isinstance(marked, bytes) else str(marked)
@@ -86,20 +88,3 @@ class ReceiptLock:
             self._release(keys=[self.key], args=[self.token])
         else:
             scripts.queue(pipeline, self._release, keys=[self.key], args=[self.token])
-
-
-class FiscalisedMarkers:
-    def __init__(self, redis_client: redis.Redis, *, ttl_seconds: int) -> None:
-        self.redis = redis_client
-        self.ttl_seconds = ttl_seconds
-
-    def get(self, brand: str, receipt_id: int) -> str | None:
-        value = self.redis.get(keys.fiscalised(brand, receipt_id))
-        return None if value is None else str(value)
-
-    def set(
-        self, brand: str, receipt_id: int, fiscal_id: str, *, pipeline: redis.client.Pipeline
-    ) -> None:
-        """Queue on the caller's `pipeline`: the receipt is fiscalised with `fiscal_id`."""
-        pipeline.set(keys.fiscalised(brand, receipt_id), fiscal_id, ex=self.ttl_seconds)
-        pipeline.set(keys.last_success(brand), repr(time.time()), ex=keys.BRAND_REGISTRY_SECONDS)

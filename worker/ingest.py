@@ -45,6 +45,7 @@ import redis
 
 from worker import keys, scripts, telemetry
 from worker.audit import AuditTrail
+from worker.audit_events import AuditEvents
 from worker.dispatcher import Publish, PublishBatch, publish_all
 from worker.dlq import DeadLetterStore, Reason
 from worker.ingest_format import MAX_ENTRY_BYTES, FiscalResult, InvalidMessage, parse_entry
@@ -117,6 +118,7 @@ class IngestConsumer:
         publish: Publish,
         queue_has_room: Callable[[], bool],
         batch: PublishBatch = contextlib.nullcontext,
+        events: AuditEvents | None = None,
         claim_idle_seconds: float = CLAIM_IDLE_SECONDS,
         block_ms: int = 500,
         read_bytes: int = INGEST_READ_BYTES,
@@ -129,6 +131,7 @@ class IngestConsumer:
         self.store = store
         self.dlq = dlq
         self.audit = audit
+        self.events = events or AuditEvents()
         self.publish = publish
         self.batch = batch
         self.queue_has_room = queue_has_room
@@ -497,6 +500,13 @@ class IngestConsumer:
         self._ack(entry.entry_id, pipe)  # dead-lettered and acknowledged together, or neither
         pipe.execute()
         log.warning(kv(event, rid=entry.entry_id, dlq_id=dlq_id, error=error[:200]))
+        self.events.finished(
+            "dead_lettered",
+            rid=entry.entry_id,
+            reason=Reason.INVALID_MESSAGE,
+            dlq_id=dlq_id,
+            error=error,
+        )
 
     def _ack(self, entry_id: str, pipe: redis.client.Pipeline) -> None:
         pipe.xack(self.stream, self.group, entry_id)

@@ -15,7 +15,8 @@ brand lives in one slot and a script that touches only one brand's keys touches 
     fw:{b:<brand>}:token:refresh-lock       fw:{b:<brand>}:breaker:probe
     fw:{b:<brand>}:token:auth-failure       fw:{b:<brand>}:lock:<receipt_id>
     fw:{b:<brand>}:rate:tat|front|pause|calls|others
-    fw:{b:<brand>}:fiscalised:<receipt_id>  fw:{b:<brand>}:audit:<receipt_id>[:attempts]
+    fw:{b:<brand>}:rcpt:<receipt_id>        (the receipt's record and fiscalised marker)
+    fw:{b:<brand>}:fiscalised:<receipt_id>  fw:{b:<brand>}:audit:<receipt_id>[:attempts] (legacy)
     fw:{b:<brand>}:last-success
 
 Global keys (no hash tag: each is placed by its whole name, so two share a slot only by
@@ -176,22 +177,43 @@ def receipt_lock(brand: str, receipt_id: int | str) -> str:
     return f"{_brand(brand)}:lock:{receipt_id}"
 
 
-def fiscalised(brand: str, receipt_id: int | str) -> str:
-    """string: the fiscal_id this receipt was fiscalised with; TTL = marker TTL (30 days)."""
+def receipt(brand: str, receipt_id: int | str) -> str:
+    """hash: the worker's record of one receipt, which is also its fiscalised marker (state
+    `f` and its fiscal_id: a duplicate costs no API call while it lives). One key per
+    receipt, short field names so Redis keeps it in its compact (listpack) encoding:
+
+        s  state: p (pending), f (fiscalised), d (dead-lettered)
+        f  fiscal_id          d  device_id         r  result_id       v  venue_id
+        t  printed_at         x  extras (JSON)     q  dlq_id          u  updated (unix ms)
+        a  attempts, oldest first, one per line: `<unix ms> <call> <status|-> <outcome>`,
+           the last audit_max_attempts kept
+
+    TTL = the audit window (FISCAL_AUDIT_TTL_SECONDS), or the fiscalised marker's
+    (FISCAL_FISCALISED_MARKER_TTL_SECONDS) if longer once fiscalised; renewed on every
+    write (worker/audit.py). receipt("*", "*") is a scan pattern matching every record."""
+    return f"{_brand(brand)}:rcpt:{receipt_id}"
+
+
+# The layout before the one-key record: three keys per receipt (audit hash, attempts list,
+# fiscalised marker). Still read (a record written before the upgrade keeps its meaning
+# until it expires), never written; `fiscal-worker upgrade-keys` folds them into receipt()
+# records (worker/upgrade.py).
+
+
+def legacy_fiscalised(brand: str, receipt_id: int | str) -> str:
+    """string (legacy): the fiscal_id this receipt was fiscalised with; TTL 30 days."""
     return f"{_brand(brand)}:fiscalised:{receipt_id}"
 
 
-def audit(brand: str, receipt_id: int | str) -> str:
-    """hash: the worker's record of one receipt (state, fiscal_id, device_id, ...);
-    TTL = audit TTL (90 days), renewed on every write. audit("*", "*") is a scan pattern
-    matching every audit key, attempts lists included."""
+def legacy_audit(brand: str, receipt_id: int | str) -> str:
+    """hash (legacy): the worker's record of one receipt (state, fiscal_id, device_id, ...);
+    TTL 90 days. legacy_audit("*", "*") matches its attempts lists too."""
     return f"{_brand(brand)}:audit:{receipt_id}"
 
 
-def audit_attempts(brand: str, receipt_id: int | str) -> str:
-    """list of JSON attempts (time, call, http_status, outcome), newest last, capped
-    at audit_max_attempts; same TTL as audit()."""
-    return f"{audit(brand, receipt_id)}:attempts"
+def legacy_audit_attempts(brand: str, receipt_id: int | str) -> str:
+    """list (legacy) of JSON attempts (at, call, http_status, outcome), newest last."""
+    return f"{legacy_audit(brand, receipt_id)}:attempts"
 
 
 # --- global --------------------------------------------------------------------------------

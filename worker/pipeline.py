@@ -37,6 +37,7 @@ import redis
 
 from worker import keys, telemetry
 from worker.audit import AuditTrail
+from worker.audit_events import AuditEvents
 from worker.breaker import CircuitBreaker, FailedCallGuard, Transition
 from worker.clopos.client import CloposClient
 from worker.clopos.tokens import FAILURE_MEMORY_SECONDS
@@ -53,7 +54,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.gate import Answered, Attempt, RequestGate
-from worker.idempotency import IN_FLIGHT_SECONDS, FiscalisedMarkers, ReceiptLock
+from worker.idempotency import IN_FLIGHT_SECONDS, ReceiptLock
 from worker.ingest_format import parse_rfc3339, to_rfc3339
 from worker.logs import kv
 from worker.ratelimit import BrandBudget
@@ -136,12 +137,12 @@ class Fiscaliser:
         credentials: Mapping[str, BrandCredentials],
         dlq: DeadLetterStore,
         audit: AuditTrail,
-        markers: FiscalisedMarkers,
         policy: RetryPolicy,
         budget: BrandBudget,
         breaker: CircuitBreaker,
         guard: FailedCallGuard,
         lock_seconds: float,
+        events: AuditEvents | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -152,7 +153,7 @@ class Fiscaliser:
         self.credentials = credentials
         self.dlq = dlq
         self.audit = audit
-        self.markers = markers
+        self.events = events or AuditEvents()
         self.policy = policy
         self.budget = budget
         self.breaker = breaker
@@ -604,10 +605,13 @@ class Fiscaliser:
         patched: bool = False,
         run: _Run | None = None,
     ) -> Outcome:
-        """Done: marker, audit state, record gone, counted; the run's receipt lock released
-        in the same transaction (the marker is set before anyone else may take the lock)."""
+        """Done: the receipt's record fiscalised (its marker), the result's record gone,
+        counted; the run's receipt lock released in the same transaction (the marker is set
+        before anyone else may take the lock)."""
         with self.store.fenced(record) as pipe:
-            self.markers.set(record.brand, record.receipt_id, record.fiscal_id, pipeline=pipe)
+            pipe.set(
+                keys.last_success(record.brand), repr(self.clock()), ex=keys.BRAND_REGISTRY_SECONDS
+            )
             self.audit.set_state(
                 record.brand,
                 record.receipt_id,
@@ -633,6 +637,13 @@ class Fiscaliser:
                 fiscal_id=record.fiscal_id,
                 attempts=record.attempts,
             )
+        )
+        self.events.finished(
+            kind.value,
+            rid=record.rid,
+            result=record.result,
+            attempts=record.attempts,
+            first_seen=record.first_seen,
         )
         return Outcome(kind, detail)
 
@@ -677,6 +688,16 @@ class Fiscaliser:
                 error=error,
             )
         )
+        self.events.finished(
+            Kind.DEAD_LETTERED.value,
+            rid=record.rid,
+            result=record.result,
+            attempts=record.attempts,
+            first_seen=record.first_seen,
+            reason=reason,
+            dlq_id=dlq_id,
+            error=error,
+        )
         return Outcome(Kind.DEAD_LETTERED, error, reason=reason, dlq_id=dlq_id)
 
     def _dead_letter_damaged(self, damaged: Damaged) -> Outcome:
@@ -694,6 +715,13 @@ class Fiscaliser:
             self.store.forget(damaged.rid, pipeline=pipe)
             pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(Reason.RETRIES_EXHAUSTED), 1)
         log.error(kv("result_damaged", rid=damaged.rid, dlq_id=dlq_id, error=damaged.error))
+        self.events.finished(
+            Kind.DEAD_LETTERED.value,
+            rid=damaged.rid,
+            reason=Reason.RETRIES_EXHAUSTED,
+            dlq_id=dlq_id,
+            error=error,
+        )
         return Outcome(Kind.DEAD_LETTERED, error, reason=Reason.RETRIES_EXHAUSTED, dlq_id=dlq_id)
 
     def _observe_latency(self, record: ResultRecord, pipe: redis.client.Pipeline) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.audit import AuditTrail
+from worker.audit_events import AuditEvents
 from worker.breaker import CircuitBreaker, FailedCallGuard
 from worker.clopos.auth import AuthCaller
 from worker.clopos.client import CloposClient
@@ -19,7 +20,6 @@ from worker.clopos.tokens import TokenProvider, refresh_lock_seconds
 from worker.clopos.wire import Wire
 from worker.dlq import DeadLetterStore
 from worker.errors import RateLimitInfo
-from worker.idempotency import FiscalisedMarkers
 from worker.pipeline import Fiscaliser
 from worker.ratelimit import AuthBudget, BrandBudget, RatePolicy
 from worker.redis_conn import redis_client
@@ -36,7 +36,7 @@ class Runtime:
     store: ResultStore
     dlq: DeadLetterStore
     audit: AuditTrail
-    markers: FiscalisedMarkers
+    events: AuditEvents
     client: CloposClient
     tokens: TokenProvider
     fiscaliser: Fiscaliser
@@ -95,10 +95,8 @@ def build_runtime(settings: Settings) -> Runtime:
     dlq = DeadLetterStore(
         r, warn_entries=settings.dlq_warn_entries, warn_bytes=settings.dlq_warn_bytes
     )
-    audit = AuditTrail(
-        r, ttl_seconds=settings.audit_ttl_seconds, max_attempts=settings.audit_max_attempts
-    )
-    markers = FiscalisedMarkers(r, ttl_seconds=settings.fiscalised_marker_ttl_seconds)
+    audit = AuditTrail.from_settings(r, settings)
+    events = AuditEvents(settings.audit_events_file)
     policy = RetryPolicy(
         transient_window=settings.transient_retry_window_seconds,
         not_ready_window=settings.not_ready_retry_window_seconds,
@@ -113,14 +111,14 @@ def build_runtime(settings: Settings) -> Runtime:
         credentials=credentials,
         dlq=dlq,
         audit=audit,
-        markers=markers,
+        events=events,
         policy=policy,
         budget=budget,
         breaker=breaker,
         guard=guard,
         lock_seconds=settings.receipt_lock_seconds,
     )
-    return Runtime(settings, r, store, dlq, audit, markers, client, tokens, fiscaliser)
+    return Runtime(settings, r, store, dlq, audit, events, client, tokens, fiscaliser)
 
 
 def rate_policy(settings: Settings) -> RatePolicy:

@@ -82,6 +82,7 @@ class WorkerService:
             store=runtime.store,
             dlq=runtime.dlq,
             audit=runtime.audit,
+            events=runtime.events,
             publish=publish,
             queue_has_room=queue_has_room,
             batch=batch,
@@ -94,6 +95,7 @@ class WorkerService:
             max_queued=settings.max_queued,
             dlq=runtime.dlq,
             batch=batch,
+            events=runtime.events,
         )
         self.threads = [
             threading.Thread(target=self._ingest_loop, name="fiscal-ingest", daemon=True),

@@ -71,9 +71,14 @@ class Settings(BaseSettings):
     # HTTP read timeout: above the API's 8 s upstream limit so its 504 reaches us first.
     http_timeout_seconds: float = Field(wire.READ_TIMEOUT_SECONDS, gt=0)
     http_connect_timeout_seconds: float = Field(wire.CONNECT_TIMEOUT_SECONDS, gt=0)
-    fiscalised_marker_ttl_seconds: int = Field(30 * DAY, ge=60)
-    audit_ttl_seconds: int = Field(90 * DAY, ge=60)
-    audit_max_attempts: int = Field(50, ge=1)
+    # The receipt record (worker/audit.py): kept the audit window after its last write, a
+    # fiscalised one at least the marker's lifetime (duplicates absorbed without a call).
+    # Years of audit live outside Redis: the audit events (worker/audit_events.py).
+    fiscalised_marker_ttl_seconds: int = Field(7 * DAY, ge=60)
+    audit_ttl_seconds: int = Field(7 * DAY, ge=60)
+    audit_max_attempts: int = Field(20, ge=1)
+    # Also append each audit event to this file, one JSON line ({date}: the UTC day).
+    audit_events_file: str | None = None
     # Dead-letter store: never trimmed; past either bound it warns (log, stats, metric).
     dlq_warn_entries: int = Field(dlq.WARN_ENTRIES, ge=1)
     dlq_warn_bytes: int = Field(dlq.WARN_BYTES, ge=1024)

@@ -308,7 +308,7 @@ class ResultStore:
             script_keys.append(keys.result(rid))
             if brand:
                 script_keys += [
-                    keys.fiscalised(brand, receipt),
+                    keys.receipt(brand, receipt),
                     *reserve_keys(brand),
                     keys.breaker(brand),
                 ]

@@ -2,8 +2,8 @@
 
 Version 0.1.0's first layout named per-brand keys `fw:<kind>:<brand>...`; the current one
 puts every key of one brand under one hash tag, `fw:{b:<brand>}:...` (worker/keys.py). The
-data under the old names outlives a deploy: fiscalised markers (30 days: duplicates cost no
-call), the audit trail (90 days), circuits, 429 pauses and the rate budget's reservations,
+data under the old names outlives a deploy: fiscalised markers (duplicates cost no call),
+the audit trail, circuits, 429 pauses and the rate budget's reservations,
 which parked results still hold. `migrate_keys` renames each old key to its new name, its
 TTL kept (RENAME keeps it), so none of that is lost.
 
@@ -12,16 +12,23 @@ would take different receipt locks for one receipt. A key whose new name exists 
 (written by a new worker) is left under its old name and reported, never overwritten.
 Result records, the schedule, the dead-letter store, counters and the worker registry kept
 their names.
+
+Then `fold_receipts` moves the three keys per receipt of the hash-tag layout (audit hash,
+attempts list, fiscalised marker: keys.legacy_*) into the one-key receipt record
+(keys.receipt, worker/audit.py). The workers read those legacy keys as well until they
+expire, so folding is not needed for correctness: it gives their memory back at once.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import redis
 
 from worker import keys
+from worker.audit import fold_legacy
 from worker.ingest_format import BRAND_PATTERN
 
 SCAN_COUNT = 1_000
@@ -34,6 +41,7 @@ class Migration:
     renamed: dict[str, int] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)  # old keys whose new name exists already
     unknown: list[str] = field(default_factory=list)  # old-looking keys it cannot map
+    folded: int = 0  # receipts whose legacy keys went into their one-key record
 
     def count(self) -> int:
         return sum(self.renamed.values())
@@ -81,8 +89,10 @@ def _audit(parts: list[str]) -> str | None:
     if len(parts) not in (2, 3) or not parts[1].isdigit():
         return None
     if len(parts) == 3:
-        return keys.audit_attempts(parts[0], int(parts[1])) if parts[2] == "attempts" else None
-    return keys.audit(parts[0], int(parts[1]))
+        if parts[2] != "attempts":
+            return None
+        return keys.legacy_audit_attempts(parts[0], int(parts[1]))
+    return keys.legacy_audit(parts[0], int(parts[1]))
 
 
 # Old kind -> the function that maps the rest of an old key name (split on ':') to the new.
@@ -91,7 +101,7 @@ OLD_KINDS: dict[str, Callable[[list[str]], str | None]] = {
     "rate": _rate,
     "breaker": _breaker,
     "lock": _per_receipt(keys.receipt_lock),
-    "fiscalised": _per_receipt(keys.fiscalised),
+    "fiscalised": _per_receipt(keys.legacy_fiscalised),
     "audit": _audit,
 }
 
@@ -132,4 +142,34 @@ def migrate_keys(redis_client: redis.Redis, *, dry_run: bool = False) -> Migrati
             done.renamed[kind] = done.renamed.get(kind, 0) + 1
         else:
             done.kept.append(old)
+    return done
+
+
+_LEGACY_RECEIPT_KEY = re.compile(
+    re.escape(keys.PREFIX)
+    + r":\{b:([A-Za-z0-9_.-]{1,64})\}:(?:audit|fiscalised):(\d+)(?::attempts)?"
+)
+
+
+def legacy_receipts(redis_client: redis.Redis) -> Iterator[tuple[str, int]]:
+    """(brand, receipt_id) of every receipt with a legacy key (a receipt once), by SCAN."""
+    seen: set[tuple[str, int]] = set()
+    for raw in redis_client.scan_iter(match=f"{keys.PREFIX}:{{b:*}}:*", count=SCAN_COUNT):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        match = _LEGACY_RECEIPT_KEY.fullmatch(key)
+        if match is None:
+            continue
+        receipt = (match.group(1), int(match.group(2)))
+        if receipt not in seen:
+            seen.add(receipt)
+            yield receipt
+
+
+def fold_receipts(
+    redis_client: redis.Redis, *, max_attempts: int, dry_run: bool = False, done: Migration
+) -> Migration:
+    """Fold every receipt's legacy keys into its record (`fold_legacy`); dry: count them."""
+    for brand, receipt_id in legacy_receipts(redis_client):
+        if dry_run or fold_legacy(redis_client, brand, receipt_id, max_attempts=max_attempts):
+            done.folded += 1
     return done

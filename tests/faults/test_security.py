@@ -168,7 +168,7 @@ def test_security_no_secret_or_token_leaves_its_place(r, fake, env, start_worker
         "task messages": "\n".join(readable(m) for m in watcher.messages.values()),
         "task events (Flower)": "\n".join(watcher.events),
         "dead-letter store": json.dumps(dead) + redis_texts(r, keys.DLQ_PATTERN),
-        "audit trail": redis_texts(r, keys.audit("*", "*")),
+        "audit trail": redis_texts(r, keys.receipt("*", "*")),
         "result records, schedule, counters": redis_texts(r, keys.result("*"))
         + json.dumps(r.zrange(keys.SCHEDULE, 0, -1))
         + json.dumps(r.hgetall(keys.COUNTERS)),

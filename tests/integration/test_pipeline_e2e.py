@@ -4,12 +4,13 @@ class."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 from support import closed, dlq_entries, patches, wait_finished, wait_for, xadd
 
-from worker import keys
+from worker import audit_events, keys
 
 B = "openapitest"
 
@@ -35,7 +36,7 @@ def test_closed_without_fiscal_id_gets_both_fields(r, fake, start_worker):
     xadd(r, result(1, "F-A"))
     wait_finished(r)
     assert patches(fake, B, 1) == [{"fiscal_id": "F-A", "lock": True}]
-    assert r.get(keys.fiscalised(B, 1)) == "F-A"
+    assert r.hmget(keys.receipt(B, 1), "s", "f") == ["f", "F-A"]  # its marker
     assert dlq_entries(r) == []
 
 
@@ -284,8 +285,38 @@ def test_after_the_marker_expires_the_get_check_still_prevents_a_patch(
     start_worker()
     xadd(r, result(24, "F-24"))
     wait_finished(r)
-    r.delete(keys.fiscalised(B, 24))  # as if its 30 days had passed
+    r.delete(keys.receipt(B, 24))  # as if its record had expired
     xadd(r, result(24, "F-24"))
     wait_finished(r)
     assert len(patches(fake, B, 24)) == 1
     assert calls(fake, 24)["get"] == 2
+
+
+# --- the audit events ---------------------------------------------------------------------
+
+
+def test_each_finished_result_is_one_audit_event_in_the_log_and_the_file(
+    r, fake, start_worker, tmp_path
+):
+    """Real worker processes (prefork: the events come from the pool's children) tell each
+    finished result once, in their log and in the events file, the same event in both."""
+    for n in (1, 2):
+        fake.add_receipt(B, closed(n))
+    events_file = tmp_path / "audit-{date}.jsonl"
+    worker = start_worker(FISCAL_AUDIT_EVENTS_FILE=str(events_file))
+    sent = [xadd(r, result(1, "F-1")), xadd(r, result(2, "F-2", device_id="p2"))]
+    wait_finished(r)
+    sent.append(xadd(r, result(2, "F-2")))  # a duplicate, absorbed by the marker
+    sent.append(xadd(r, {"receipt_id": "x"}))  # invalid: dead-lettered at ingest
+    wait_finished(r)
+    logged = [e for e in map(audit_events.parse, worker.log().splitlines()) if e is not None]
+    assert sorted(e["rid"] for e in logged) == sorted(sent)
+    by_rid = {e["rid"]: e for e in logged}
+    assert [by_rid[rid]["outcome"] for rid in sent] == [
+        "fiscalised", "fiscalised", "duplicate", "dead_lettered",
+    ]  # fmt: skip
+    assert by_rid[sent[1]]["device_id"] == "p2"
+    assert by_rid[sent[3]]["reason"] == "invalid_message"
+    [day_file] = tmp_path.glob("audit-*.jsonl")
+    in_file = [json.loads(line) for line in day_file.read_text().splitlines()]
+    assert sorted(in_file, key=lambda e: e["rid"]) == sorted(logged, key=lambda e: e["rid"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import fakeredis
 import pytest
 
 from worker import keys
-from worker.audit import AuditTrail
+from worker.audit import AuditTrail, fold_legacy
 
 TTL = 3600
 
@@ -51,7 +52,8 @@ def test_received_result_is_pending(trail: AuditTrail, redis: fakeredis.FakeRedi
     assert record["updated_at"].endswith("Z")
     assert record["dlq_id"] is None
     assert record["attempts"] == []
-    assert 0 < redis.ttl(keys.audit("acme", 7)) <= TTL
+    assert 0 < redis.ttl(keys.receipt("acme", 7)) <= TTL
+    assert redis.keys("*") == [keys.receipt("acme", 7)]  # one key per receipt
 
 
 def test_attempts_are_recorded_and_capped(trail: AuditTrail, redis: fakeredis.FakeRedis) -> None:
@@ -74,24 +76,19 @@ def test_attempts_are_recorded_and_capped(trail: AuditTrail, redis: fakeredis.Fa
         ("PATCH", None, "timeout"),
     ]
     assert record["attempts"][0]["at"] == "2024-05-01T12:00:00.000Z"
-    assert redis.llen(keys.audit_attempts("acme", 7)) == 3
-    assert 0 < redis.ttl(keys.audit_attempts("acme", 7)) <= TTL
-    assert 0 < redis.ttl(keys.audit("acme", 7)) <= TTL
+    assert len(redis.hget(keys.receipt("acme", 7), "a").split("\n")) == 3
+    assert 0 < redis.ttl(keys.receipt("acme", 7)) <= TTL
 
 
 def test_every_write_renews_the_ttl(trail: AuditTrail, redis: fakeredis.FakeRedis) -> None:
     trail.record_received("acme", 7, fiscal_id="F-7")
     trail.record_attempt("acme", 7, call="GET", http_status=404, outcome="not found")
-    redis.expire(keys.audit("acme", 7), 5)
-    redis.expire(keys.audit_attempts("acme", 7), 5)
+    redis.expire(keys.receipt("acme", 7), 5)
     trail.record_attempt("acme", 7, call="GET", http_status=200, outcome="closed")
-    assert redis.ttl(keys.audit("acme", 7)) > 5
-    assert redis.ttl(keys.audit_attempts("acme", 7)) > 5
-    redis.expire(keys.audit("acme", 7), 5)
-    redis.expire(keys.audit_attempts("acme", 7), 5)
+    assert redis.ttl(keys.receipt("acme", 7)) > 5
+    redis.expire(keys.receipt("acme", 7), 5)
     trail.set_state("acme", 7, "fiscalised", fiscal_id="F-7")
-    assert redis.ttl(keys.audit("acme", 7)) > 5
-    assert redis.ttl(keys.audit_attempts("acme", 7)) > 5
+    assert redis.ttl(keys.receipt("acme", 7)) > 5
 
 
 def test_fiscalised_is_not_downgraded_by_a_new_result(trail: AuditTrail) -> None:
@@ -161,3 +158,139 @@ def test_attempt_without_a_received_record_is_still_shown(trail: AuditTrail) -> 
     assert record is not None
     assert record["state"] is None
     assert record["attempts"][0]["call"] == "auth"
+
+
+# --- the one-key record: its lifetimes, its size, the legacy layout -------------------
+
+
+def test_a_fiscalised_record_lives_the_markers_lifetime_if_longer(
+    redis: fakeredis.FakeRedis,
+) -> None:
+    trail = AuditTrail(redis, ttl_seconds=TTL, max_attempts=3, fiscalised_ttl_seconds=10 * TTL)
+    trail.record_received("acme", 7, fiscal_id="F-7")
+    assert redis.ttl(keys.receipt("acme", 7)) <= TTL
+    trail.set_state("acme", 7, "fiscalised", fiscal_id="F-7")
+    assert redis.ttl(keys.receipt("acme", 7)) > TTL
+    trail.record_attempt("acme", 7, call="GET", http_status=200, outcome="x")
+    trail.record_received("acme", 7, fiscal_id="F-7")  # a duplicate: stays fiscalised
+    assert redis.ttl(keys.receipt("acme", 7)) > TTL
+    trail.record_received("acme", 8, fiscal_id="F-8")
+    trail.set_state("acme", 8, "dead_lettered", dlq_id="dl-1")
+    assert redis.ttl(keys.receipt("acme", 8)) <= TTL
+
+
+def test_a_fiscalised_record_stays_in_the_compact_encoding(
+    trail: AuditTrail, redis: fakeredis.FakeRedis
+) -> None:
+    """The happy path's record: short names and values, so Redis keeps it as a listpack
+    (bench/footprint.py measures its bytes on a real redis-server)."""
+    trail.record_received(
+        "acme", 123456, fiscal_id="FISCAL-0001234567", device_id="printer-17",
+        result_id="1733212345678-0", printed_at="2026-12-03T12:00:00.123Z",
+    )  # fmt: skip
+    trail.record_attempt("acme", 123456, call="GET", http_status=200, outcome="ok")
+    trail.record_attempt("acme", 123456, call="PATCH", http_status=200, outcome="ok")
+    trail.set_state("acme", 123456, "fiscalised", fiscal_id="FISCAL-0001234567")
+    fields = redis.hgetall(keys.receipt("acme", 123456))
+    assert set(fields) == {"s", "f", "d", "r", "t", "u", "a"}
+    assert all(len(value) <= 64 for value in fields.values())  # hash-max-listpack-value
+
+
+def test_an_attempts_outcome_is_kept_on_one_line(trail: AuditTrail) -> None:
+    trail.record_attempt(
+        "acme", 7, call="GET receipt", http_status=True, outcome="line one\nline  two"
+    )
+    [attempt] = trail.get("acme", 7)["attempts"]  # type: ignore[index]
+    assert attempt["call"] == "GET_receipt"
+    assert attempt["http_status"] is None
+    assert attempt["outcome"] == "line one line two"
+
+
+def seed_legacy(redis: fakeredis.FakeRedis, *, marker: bool = True) -> None:
+    """A receipt as the layout before wrote it: hash, JSON attempts, marker."""
+    redis.hset(
+        keys.legacy_audit("acme", 7),
+        mapping={
+            "state": "fiscalised", "fiscal_id": "F-7", "device_id": "p1", "result_id": "1-0",
+            "venue_id": "3", "extras": '{"table": 4}', "updated_at": "2026-01-01T00:00:00.000Z",
+            "brand": "acme", "receipt_id": "7",
+        },
+    )  # fmt: skip
+    redis.rpush(
+        keys.legacy_audit_attempts("acme", 7),
+        json.dumps({"at": "2026-01-01T00:00:00.000Z", "call": "GET", "http_status": 200,
+                    "outcome": "closed"}),
+        json.dumps({"at": "2026-01-01T00:00:01.000Z", "call": "PATCH", "http_status": 200,
+                    "outcome": "fiscalised"}),
+    )  # fmt: skip
+    if marker:
+        redis.set(keys.legacy_fiscalised("acme", 7), "F-7")
+    for key in (keys.legacy_audit("acme", 7), keys.legacy_audit_attempts("acme", 7)):
+        redis.expire(key, 50 * TTL)
+    if marker:
+        redis.expire(keys.legacy_fiscalised("acme", 7), 20 * TTL)
+
+
+LEGACY_VIEW = {
+    "brand": "acme", "receipt_id": 7, "state": "fiscalised", "fiscal_id": "F-7",
+    "device_id": "p1", "result_id": "1-0", "venue_id": 3, "printed_at": None,
+    "extras": {"table": 4}, "updated_at": "2026-01-01T00:00:00.000Z", "dlq_id": None,
+    "attempts": [
+        {"at": "2026-01-01T00:00:00.000Z", "call": "GET", "http_status": 200,
+         "outcome": "closed"},
+        {"at": "2026-01-01T00:00:01.000Z", "call": "PATCH", "http_status": 200,
+         "outcome": "fiscalised"},
+    ],
+    "expires_in": None,
+}  # fmt: skip
+
+
+def test_a_legacy_record_is_read_as_before(trail: AuditTrail, redis: fakeredis.FakeRedis) -> None:
+    seed_legacy(redis)
+    assert trail.get("acme", 7) == LEGACY_VIEW
+    assert trail.fiscal_id_of("acme", 7) == "F-7"
+
+
+def test_a_legacy_marker_keeps_a_new_result_from_moving_the_receipt_off_fiscalised(
+    trail: AuditTrail, redis: fakeredis.FakeRedis
+) -> None:
+    seed_legacy(redis)
+    trail.record_received("acme", 7, fiscal_id="OTHER", device_id="p2")
+    trail.set_state("acme", 7, "dead_lettered", fiscal_id="OTHER", dlq_id="dl-9")
+    record = trail.get("acme", 7)
+    assert record is not None
+    assert (record["state"], record["fiscal_id"], record["device_id"]) == (
+        "fiscalised",
+        "F-7",
+        "p1",
+    )
+    assert record["dlq_id"] == "dl-9"
+    assert trail.fiscal_id_of("acme", 7) == "F-7"
+    assert [a["call"] for a in record["attempts"]] == ["GET", "PATCH"]
+
+
+def test_folding_a_legacy_record_keeps_what_it_said_in_one_key(
+    trail: AuditTrail, redis: fakeredis.FakeRedis
+) -> None:
+    seed_legacy(redis)
+    trail.record_attempt("acme", 7, call="GET", http_status=200, outcome="again")
+    assert fold_legacy(redis, "acme", 7, max_attempts=3) is True
+    assert redis.keys("*") == [keys.receipt("acme", 7)]
+    record = trail.get("acme", 7)
+    assert record is not None
+    expected = {**LEGACY_VIEW, "attempts": [*LEGACY_VIEW["attempts"], record["attempts"][-1]]}
+    assert {k: v for k, v in record.items() if k != "expires_in"} == {
+        k: v for k, v in expected.items() if k != "expires_in"
+    }
+    assert record["attempts"][-1]["outcome"] == "again"
+    assert redis.ttl(keys.receipt("acme", 7)) > 20 * TTL  # the longest lifetime of the keys
+    assert fold_legacy(redis, "acme", 7, max_attempts=3) is False  # nothing left to fold
+
+
+def test_folding_keeps_the_last_attempts_only(trail: AuditTrail, redis: fakeredis.FakeRedis):
+    seed_legacy(redis, marker=False)
+    fold_legacy(redis, "acme", 7, max_attempts=1)
+    record = trail.get("acme", 7)
+    assert record is not None
+    assert [a["outcome"] for a in record["attempts"]] == ["fiscalised"]
+    assert record["state"] == "fiscalised"

@@ -380,6 +380,20 @@ def test_a_bulk_replay_cut_short_by_redis_says_what_it_did(
     assert store.count() == 2
 
 
+def test_a_bulk_replay_cut_short_by_redis_with_json_says_what_it_did(
+    store: DeadLetterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [add(store, receipt_id=n) for n in (1, 2)]
+    fail_after(monkeypatch, "replay", 1)
+    result = run("dlq", "replay", "--all", "--json")
+    assert result.exit_code == 1
+    document = json.loads(result.stdout)
+    assert [item["id"] for item in document["replayed"]] == [ids[0]]
+    assert document["refused"] == []
+    assert "1 replayed and 0 refused before it failed" in document["error"]
+    assert one_line(result.stderr).startswith("error: ")
+
+
 def test_a_bulk_purge_cut_short_by_redis_says_what_it_did(
     store: DeadLetterStore, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,7 +433,9 @@ def test_receipt(redis: fakeredis.FakeRedis) -> None:
 def test_unknown_receipt(redis: fakeredis.FakeRedis) -> None:
     result = run("receipt", "acme", "8")
     assert result.exit_code == 1
-    assert one_line(result.stderr) == "error: no record for brand acme receipt 8"
+    line = one_line(result.stderr)
+    assert line.startswith("error: no record for brand acme receipt 8: never received, or older")
+    assert "the audit window (7 days after its last write, FISCAL_AUDIT_TTL_SECONDS)" in line
 
 
 @pytest.mark.parametrize("args", [("a:b", "1"), ("", "1"), ("acme", "0"), ("acme", "x"), ("acme",)])

@@ -783,14 +783,16 @@ def test_an_entry_committed_after_the_fence_is_not_selected(
     assert [e["id"] for e in store.page(Selection()).entries] == [late_id, early_id]
 
 
-def test_a_damaged_order_counter_starts_again_from_the_ids(
+def test_a_damaged_order_counter_goes_on_from_the_highest_score(
     store: DeadLetterStore, redis: fakeredis.FakeRedis
 ) -> None:
-    """A damaged commit-order counter blocks no add: the score falls back to the id's own
-    sequence number, and the counter is repaired."""
+    """A damaged commit-order counter blocks no add, and a new entry still scores above
+    every entry there (a confirmed `upto` fence stays below it); the counter is repaired."""
     first = store.add(reason="auth_failed", payload="{}", error="x")
+    redis.zadd(keys.DLQ_INDEX, {first: 50})  # given a high place in commit order earlier
+    fence = 50
     redis.set(keys.DLQ_ORDER, "not a number")
     second = store.add(reason="auth_failed", payload="{}", error="y")
-    assert redis.zscore(keys.DLQ_INDEX, second) == int(second[3:])
-    assert redis.get(keys.DLQ_ORDER) == second[3:]
-    assert [e["id"] for e in store.page(Selection()).entries] == [second, first]
+    assert redis.zscore(keys.DLQ_INDEX, second) == 51
+    assert redis.get(keys.DLQ_ORDER) == "51"
+    assert list(store.selected_ids(Selection(), upto=fence)) == [first]

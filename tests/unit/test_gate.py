@@ -140,8 +140,8 @@ def test_record_learns_others_use_and_writes_attempt_and_counters_in_one_go(r, g
     assert change.change == ""
     assert r.get(keys.rate_others("b")) == "4"  # 10 - 5 - our 1
     assert r.hget(keys.COUNTERS, "api:get_receipt:200") == "2"
-    [stored] = r.lrange(keys.audit_attempts("b", 7), 0, -1)
-    assert '"call": "GET"' in stored
+    [line] = r.hget(keys.receipt("b", 7), "a").split("\n")
+    assert line.split(" ")[1:] == ["GET", "200", "ok"]
 
 
 def test_record_after_redis_lost_its_scripts_still_counts_the_call(r, gate, clock):
@@ -149,7 +149,7 @@ def test_record_after_redis_lost_its_scripts_still_counts_the_call(r, gate, cloc
     attempt = Attempt("b", 7, "PATCH", 503, "transient")
     gate.record(answered(clock, ok=False, attempt=attempt))
     assert r.hget(keys.breaker("b"), keys.BREAKER_FAILURES) == "1"
-    assert r.llen(keys.audit_attempts("b", 7)) == 1
+    assert len(r.hget(keys.receipt("b", 7), "a").split("\n")) == 1
 
 
 def test_record_without_a_breaker_verdict_leaves_the_circuit(r, gate, clock):

@@ -33,7 +33,7 @@ def test_the_package_holds_every_script():
     assert {"store_admit", "ratelimit_reserve", "dlq_add", "tokens_unlock"} <= set(NAMES)
     assert all(
         re.fullmatch(
-            r"(audit|breaker|dlq|gate|idempotency|ingest|ratelimit|store|tokens|web)_\w+", n
+            r"(breaker|dlq|gate|idempotency|ingest|ratelimit|receipt|store|tokens|web)_\w+", n
         )
         for n in NAMES
     )
@@ -108,9 +108,10 @@ def test_every_key_of_a_brand_is_in_one_slot():
         keys.breaker(brand),
         keys.breaker_probe(brand),
         keys.receipt_lock(brand, receipt),
-        keys.fiscalised(brand, receipt),
-        keys.audit(brand, receipt),
-        keys.audit_attempts(brand, receipt),
+        keys.receipt(brand, receipt),
+        keys.legacy_fiscalised(brand, receipt),
+        keys.legacy_audit(brand, receipt),
+        keys.legacy_audit_attempts(brand, receipt),
     ]
     assert len(set(per_brand)) == len(per_brand)
     assert {key_slot(key.encode()) for key in per_brand} == {key_slot(b"b:acme.eu-1")}

@@ -50,7 +50,7 @@ def test_admission_publishes_what_has_a_slot_now_and_parks_the_rest(r, store):
 
 
 def test_a_fiscalised_receipt_is_published_without_a_slot(r, store):
-    r.set(keys.fiscalised("b", 7), "F")
+    r.hset(keys.receipt("b", 7), mapping={"s": "f", "f": "F"})
     add(store, "r1", receipt_id=7)
     assert [c.rid for c in store.admit(["r1"], NOW).publish] == ["r1"]
     assert tat(r) is None
@@ -303,7 +303,7 @@ def test_admission_skips_a_record_that_is_not_the_one_it_read(r, store):
 def test_admission_passes_the_keys_of_each_brand_and_receipt(r, store):
     add(store, "r1", brand="b")
     add(store, "r2", receipt_id=7, brand="c")
-    r.set(keys.fiscalised("c", 7), "F")
+    r.hset(keys.receipt("c", 7), mapping={"s": "f", "f": "F"})
     r.hset(
         keys.breaker("b"),
         mapping={keys.BREAKER_STATE: keys.BREAKER_OPEN, keys.BREAKER_UNTIL: str(NOW + 30)},

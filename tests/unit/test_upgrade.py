@@ -44,9 +44,9 @@ NEW = {
     "fw:breaker:b1": keys.breaker("b1"),
     "fw:breaker:b1:probe": keys.breaker_probe("b1"),
     "fw:lock:b1:7": keys.receipt_lock("b1", 7),
-    "fw:fiscalised:b1:7": keys.fiscalised("b1", 7),
-    "fw:audit:b1:7": keys.audit("b1", 7),
-    "fw:audit:b1:7:attempts": keys.audit_attempts("b1", 7),
+    "fw:fiscalised:b1:7": keys.legacy_fiscalised("b1", 7),
+    "fw:audit:b1:7": keys.legacy_audit("b1", 7),
+    "fw:audit:b1:7:attempts": keys.legacy_audit_attempts("b1", 7),
 }
 
 
@@ -91,20 +91,20 @@ def test_migration_renames_every_key_keeps_values_and_ttls_and_is_idempotent(r):
     for old, new in NEW.items():
         assert not r.exists(old)
         assert dump(r, new) == before[old]
-    assert 0 < r.ttl(keys.fiscalised("b1", 7)) <= 3600
+    assert 0 < r.ttl(keys.legacy_fiscalised("b1", 7)) <= 3600
     assert r.ttl(keys.breaker("b1")) == -1
     assert migrate_keys(r).count() == 0  # a second run finds nothing
 
 
 def test_a_key_whose_new_name_exists_is_kept_not_overwritten(r):
     seed(r)
-    r.set(keys.fiscalised("b1", 7), "F-7")  # a new worker wrote it already
-    r.hset(keys.audit("b1", 7), "state", "pending")
+    r.set(keys.legacy_fiscalised("b1", 7), "F-7")  # a new worker wrote it already
+    r.hset(keys.legacy_audit("b1", 7), "state", "pending")
 
     done = migrate_keys(r)
 
     assert sorted(done.kept) == ["fw:audit:b1:7", "fw:fiscalised:b1:7"]
-    assert r.hgetall(keys.audit("b1", 7)) == {"state": "pending"}
+    assert r.hgetall(keys.legacy_audit("b1", 7)) == {"state": "pending"}
     assert r.hgetall("fw:audit:b1:7")["state"] == "fiscalised"  # left for the operator
 
 
@@ -137,4 +137,6 @@ def test_upgrade_keys_refuses_while_a_worker_runs_then_migrates(cli_redis):
     assert done.exit_code == 0
     report = json.loads(done.output)
     assert sum(report["renamed"].values()) == len(OLD) and report["kept"] == []
-    assert cli_redis.get(keys.fiscalised("b1", 7)) == "F-7"
+    assert report["folded"] == 1  # then its three keys went into one record
+    assert not cli_redis.exists(keys.legacy_fiscalised("b1", 7))
+    assert cli_redis.hmget(keys.receipt("b1", 7), "s", "f") == ["f", "F-7"]

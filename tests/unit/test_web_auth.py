@@ -550,33 +550,65 @@ def test_a_refused_attempt_has_nothing_to_take_back(
 def test_a_failure_stamped_by_a_clock_ahead_locks_nobody_out(
     throttle: LoginThrottle, r: fakeredis.FakeRedis, fake_time: Clock
 ) -> None:
-    """Replicas' clocks differ: below the free failures a 'last' in the future is no
-    lockout."""
+    """Replicas' clocks differ: a 'last' in the future is no lockout below the free failures,
+    and past them waits no longer than a failure stamped now."""
     key = keys.web_login_failures(digest("client:10.0.0.1"))
     r.hset(key, mapping={"failures": "2", "last": repr(fake_time.now + 30)})
     assert throttle.attempt("op", "10.0.0.1").wait == 0
+    r.hset(key, mapping={"failures": "5", "last": repr(fake_time.now + 300)})
+    assert throttle.attempt("op", "10.0.0.1").wait == 15
 
 
 @pytest.mark.parametrize(
     ("address", "group"),
     [
         ("10.0.0.1", "10.0.0.1"),
-        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
-        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
-        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1::/56"),
+        ("2001:db8:1:ff:ffff::1", "2001:db8:1::/56"),
+        ("2001:db8:1:100::1", "2001:db8:1:100::/56"),
+        ("fe80::1%eth0", "fe80::/56"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),  # mapped
+        ("::ffff:0:10.0.0.1", "10.0.0.1"),  # translated (SIIT)
+        ("::10.0.0.1", "10.0.0.1"),  # compatible
+        ("64:ff9b::10.0.0.1", "10.0.0.1"),  # NAT64
+        ("2002:a00:1:1234::1", "10.0.0.1"),  # 6to4: one IPv4 host's 65,536 /64s
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "10.0.0.1"),  # Teredo
+        ("10.0.0.1:51234", "10.0.0.1"),  # with the port some proxies add
+        ("[2001:db8:1::1]:443", "2001:db8:1::/56"),
+        ("[2001:db8:1::1]", "2001:db8:1::/56"),
+        ("::1", "::/56"),
         ("testclient", "testclient"),
         ("?", "?"),
     ],
 )
-def test_a_client_is_its_ipv4_address_or_its_ipv6_64(address: str, group: str) -> None:
+def test_a_client_is_its_ipv4_address_or_its_ipv6_56(address: str, group: str) -> None:
     assert auth.client_group(address) == group
 
 
-def test_the_addresses_of_one_ipv6_64_share_their_count(throttle: LoginThrottle) -> None:
+def test_the_addresses_of_one_ipv6_56_share_their_count(throttle: LoginThrottle) -> None:
     for n in range(5):
-        assert throttle.attempt("op", f"2001:db8::{n + 1}").wait == 0
-    assert throttle.attempt("op", "2001:db8::ff").wait == 15
-    assert throttle.attempt("op", "2001:db8:0:1::1").wait == 0  # another /64
+        assert throttle.attempt("op", f"2001:db8:0:{n}::1").wait == 0
+    assert throttle.attempt("op", "2001:db8:0:ff::2").wait == 15
+    assert throttle.attempt("op", "2001:db8:0:100::1").wait == 0  # another /56
+
+
+def test_the_last_instant_of_a_lockout_is_refused_and_takes_nothing_back(
+    throttle: LoginThrottle, r: fakeredis.FakeRedis, fake_time: Clock
+) -> None:
+    """Under a millisecond before a lockout ends is still a refusal (never rounded down to
+    'go ahead'), and taking such an attempt back removes no failure."""
+    for _ in range(5):
+        throttle.attempt("op", "10.0.0.1")
+    client_key = keys.web_login_failures(digest("client:10.0.0.1"))
+    last = float(r.hget(client_key, "last"))
+    fake_time.now = last + 15 - 0.0005
+    refused = [throttle.attempt("op", "10.0.0.1") for _ in range(12)]
+    assert {a.wait for a in refused} == {1}
+    for attempt in refused:
+        throttle.take_back("op", "10.0.0.1", attempt, succeeded=False)
+    assert r.hget(client_key, "failures") == "5"
+    assert throttle.take_back("op", "10.0.0.1", auth.Attempt(wait=0), succeeded=False) is None
+    assert r.hget(client_key, "failures") == "5"
 
 
 def test_the_failure_count_lapses(throttle: LoginThrottle, r: fakeredis.FakeRedis) -> None:

@@ -224,7 +224,11 @@ def dlq_replay(
     )
     replayed, refused = outcome
     if failed is not None:
-        _stopped_by(failed, f"{len(replayed)} replayed and {len(refused)} refused before it failed")
+        _stopped_by(
+            failed,
+            f"{len(replayed)} replayed and {len(refused)} refused before it failed",
+            {"replayed": replayed, "refused": refused} if as_json else None,
+        )
     if as_json:
         _print_json({"replayed": replayed, "refused": refused})
     else:
@@ -276,7 +280,11 @@ def dlq_purge(
             failed = exc
         _log_action("purge", _selected(entry_id, reason, brand), len(removed), ids=removed)
         if failed is not None:
-            _stopped_by(failed, f"{len(removed)} purged before it failed")
+            _stopped_by(
+                failed,
+                f"{len(removed)} purged before it failed",
+                {"purged": len(removed)} if as_json else None,
+            )
         purged = len(removed)
     if as_json:
         _print_json({"purged": purged})
@@ -284,10 +292,16 @@ def dlq_purge(
         click.echo(f"purged {purged} entr{'y' if purged == 1 else 'ies'}")
 
 
-def _stopped_by(exc: redis.exceptions.RedisError, done: str) -> NoReturn:
+def _stopped_by(
+    exc: redis.exceptions.RedisError, done: str, document: dict[str, Any] | None = None
+) -> NoReturn:
     """A bulk action cut short by Redis: say what was done (it stays done: those entries
-    are out of the store) and how to go on, on one line; exit 1."""
-    _fail(f"{_describe_redis_error(exc)}; {done}. Run the same command again for the rest.")
+    are out of the store) and how to go on, on one line of stderr, exit 1; with --json,
+    `document` (what was done) goes to stdout first, with the error in it."""
+    message = f"{_describe_redis_error(exc)}; {done}. Run the same command again for the rest."
+    if document is not None:
+        _print_json({**document, "error": message})
+    _fail(message)
 
 
 def _selected(entry_id: str | None, reason: str | None, brand: str | None) -> dict[str, Any]:

@@ -34,13 +34,14 @@ def _check_receipt_brand(ctx: click.Context, param: click.Parameter, value: str)
 @json_option
 def receipt(brand: str, receipt_id: int, as_json: bool) -> None:
     """The worker's record of one receipt: state, fiscal_id, attempts."""
-    settings = _settings()
-    trail = AuditTrail(
-        _redis(), ttl_seconds=settings.audit_ttl_seconds, max_attempts=settings.audit_max_attempts
-    )
+    trail = AuditTrail.from_settings(_redis(), _settings())
     record = trail.get(brand, receipt_id)
     if record is None:
-        _fail(f"no record for brand {brand} receipt {receipt_id}")
+        _fail(
+            f"no record for brand {brand} receipt {receipt_id}: never received, or older than "
+            f"the audit window ({trail.window()}); the audit events keep every finished "
+            "result for as long as your log store does"
+        )
     if as_json:
         _print_json(record)
         return
@@ -50,6 +51,9 @@ def receipt(brand: str, receipt_id: int, as_json: bool) -> None:
         if record.get(name) is not None:
             click.echo(f"{name + ':':<12} {_clean(record.get(name))}")
     click.echo(f"{'updated_at:':<12} {_clean(record.get('updated_at'))}")
+    expires = record.get("expires_in")
+    if expires is not None:
+        click.echo(f"{'kept:':<12} {_remaining(expires)} more (the audit window: {trail.window()})")
     if record.get("extras"):
         click.echo(f"{'extras:':<12} {_clean(json.dumps(record['extras'], ensure_ascii=False))}")
     attempts = record.get("attempts") or []
@@ -67,3 +71,11 @@ def receipt(brand: str, receipt_id: int, as_json: bool) -> None:
             _cell(attempt.get("outcome"), 80),
         )
     _console().print(table)
+
+
+def _remaining(seconds: int) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    if days:
+        return f"{days} d {hours} h"
+    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"

@@ -9,7 +9,7 @@ import click
 
 from worker import keys
 from worker.cli._root import _clean, _fail, _print_json, _redis, _settings, cli, json_option
-from worker.upgrade import migrate_keys
+from worker.upgrade import fold_receipts, migrate_keys
 
 
 @cli.command("upgrade-keys")
@@ -17,7 +17,8 @@ from worker.upgrade import migrate_keys
 @json_option
 def upgrade_keys(dry_run: bool, as_json: bool) -> None:
     """Rename the per-brand keys of an older version (markers, audit trail, circuits, rate
-    budget, tokens, locks) to the current layout. Stop every worker first."""
+    budget, tokens, locks) to the current layout, and fold each receipt's three legacy
+    keys into its one-key record. Stop every worker first."""
     settings = _settings()
     redis_client = _redis()
     alive = int(
@@ -30,6 +31,9 @@ def upgrade_keys(dry_run: bool, as_json: bool) -> None:
             "worker would take different receipt locks)"
         )
     done = migrate_keys(redis_client, dry_run=dry_run)
+    fold_receipts(
+        redis_client, max_attempts=settings.audit_max_attempts, dry_run=dry_run, done=done
+    )
     if as_json:
         _print_json(
             {
@@ -37,12 +41,15 @@ def upgrade_keys(dry_run: bool, as_json: bool) -> None:
                 "renamed": done.renamed,
                 "kept": done.kept,
                 "unknown": done.unknown,
+                "folded": done.folded,
             }
         )
         return
     verb = "would rename" if dry_run else "renamed"
     by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(done.renamed.items())) or "nothing"
     click.echo(f"{verb} {done.count()} keys: {by_kind}")
+    folded = "would fold" if dry_run else "folded"
+    click.echo(f"{folded} the legacy keys of {done.folded} receipts into one record each")
     for old in done.kept:
         click.echo(f"kept (its new name exists already): {_clean(old)}")
     for old in done.unknown:

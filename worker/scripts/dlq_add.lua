@@ -17,7 +17,11 @@ local existing = by_result and redis.call('GET', by_result)
 if existing and redis.call('ZSCORE', KEYS[2], existing) then
   return {existing, 0}
 end
-local last = tonumber(redis.call('GET', KEYS[8]) or '0') or 0  -- a damaged counter: from 0
+local last = tonumber(redis.call('GET', KEYS[8]) or '0')
+if not last then  -- a damaged counter: on from the highest score given
+  local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  last = tonumber(top[2] or '0') or 0
+end
 local score = math.max(tonumber(ARGV[4]), last + 1)
 redis.call('SET', KEYS[8], score)
 redis.call('SET', KEYS[1], ARGV[5])

@@ -9,7 +9,7 @@
 --   'ids'  its record still says state 'due' (else a dispatcher took it, or it finished)
 --   and its record still has the brand and receipt_id the caller read (else skipped: the
 --   next pass reads it again). A 'due' candidate whose record is gone is an orphan.
--- A result past its deadline, or whose receipt is already marked fiscalised, needs no call:
+-- A result past its deadline, or whose receipt's record says fiscalised, needs no call:
 -- it goes at once (its task dead-letters or absorbs it). One whose brand is paused (429) or
 -- has an open circuit waits, without reserving anything, until that ends (spread over the
 -- cool-down). Any other reserves its calls' slots in its brand's budget (reserve(), from
@@ -22,7 +22,7 @@
 -- Crosses slots: the schedule and the records are global, the other keys per brand.
 --
 -- KEYS: [1] schedule, then per candidate, in ARGV's order:
---         read with a brand: 7 keys: result hash, fiscalised marker, rate tat, rate front,
+--         read with a brand: 7 keys: result hash, receipt record, rate tat, rate front,
 --           rate pause, rate others, breaker hash (of its brand and receipt)
 --         read without one (no record, or a damaged one with an empty brand): 1 key:
 --           result hash; such a record, if it exists, is published at once
@@ -89,7 +89,7 @@ for i = 13, #ARGV, 3 do
     elseif not slot then
       if k == nil then
         slot = now  -- a record without a brand (damaged): its task dead-letters it
-      elseif redis.call('EXISTS', k.marker) == 1 then
+      elseif redis.call('HGET', k.marker, 's') == 'f' then  -- fiscalised: its marker
         slot = now
       else
         local hold = held_until(k, rid)

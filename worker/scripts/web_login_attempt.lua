@@ -17,9 +17,10 @@ end
 local wait = 0
 for i = 1, 2 do
   local failures = tonumber(redis.call('HGET', KEYS[i], 'failures') or '0') or 0
-  local last = tonumber(redis.call('HGET', KEYS[i], 'last') or '0') or 0
+  -- a 'last' ahead of this replica's clock (clocks differ) counts as now: no longer wait
+  local last = math.min(now, tonumber(redis.call('HGET', KEYS[i], 'last') or '0') or 0)
   local locked = lockout(failures)
-  if locked > 0 then  -- only a lockout waits: a 'last' ahead of this clock is not one
+  if locked > 0 then
     wait = math.max(wait, last + locked - now)
   end
 end

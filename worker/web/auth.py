@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ LOCKOUT_MAX_SECONDS = 900
 FAILURE_DELAY_SECONDS = 1.0  # every failed login is answered this late
 MAX_CONCURRENT_HASHES = 4  # password checks at once per console process
 MAX_NAME_CHARS = 64
+IPV6_CLIENT_PREFIX = 56  # an IPv6 client is its /56: one customer's usual delegation
 
 # scrypt's cost: 16 MiB and ~50 ms per hash here, the RFC 7914 interactive setting.
 SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_KEY_BYTES = 2**14, 8, 1, 32
@@ -271,8 +273,8 @@ class Attempt:
 
 class LoginThrottle:
     """Failed logins in a row per (user name, client) and per client, in Redis (shared by
-    every replica of the console). A client is its address, or its /64 network for IPv6
-    (one host is usually given a whole /64: its addresses are one client).
+    every replica of the console). A client is `client_group` of its address: an IPv6
+    client is its /56 (one customer's addresses are one client).
 
     `attempt` is asked before a password is checked: it refuses while either count is locked
     out, else counts the attempt as a failure at once (atomically, so guesses sent in
@@ -296,14 +298,14 @@ class LoginThrottle:
         )  # fmt: skip
         fields = [item.decode() if isinstance(item, bytes) else str(item) for item in answer]
         seconds = float(fields[0])
-        if seconds > 0:
-            return Attempt(wait=int(seconds + 0.999))
+        if seconds > 0:  # refused, however little is left: never rounded down to "go"
+            return Attempt(wait=max(1, math.ceil(seconds)))
         return Attempt(wait=0, at=at, previous=(fields[1], fields[2]))
 
     def take_back(self, name: str, client: str, attempt: Attempt, *, succeeded: bool) -> None:
         """Undo an attempt that went ahead: `succeeded` (the password was right: the
         (user, client) count is cleared) or never checked (no hashing slot was free)."""
-        if attempt.wait:
+        if attempt.wait or not attempt.at:  # refused: nothing was counted
             return
         self._take_back(
             keys=self._keys(name, client),
@@ -320,17 +322,51 @@ class LoginThrottle:
 
 
 def client_group(address: str) -> str:
-    """The client a login is counted against: an IPv4 address (also one mapped into IPv6),
-    the /64 network of an IPv6 one, or the text as given when it is no address."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    """The client a login is counted against: an IPv4 address (also one carried in an IPv6
+    address: mapped, compatible, NAT64, 6to4, Teredo), the /56 network of an IPv6 one (what
+    ISPs commonly give one customer), or the text as given when it is no address. A port
+    or brackets around the address (`1.2.3.4:80`, `[2001:db8::1]:443`) are left out."""
+    ip = _address(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        carried = _carried_ipv4(ip)
+        if carried is not None:
+            return str(carried)
+        return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
     return str(ip)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    candidates = [text]
+    if text.startswith("[") and "]" in text:  # [v6] or [v6]:port
+        candidates.append(text[1 : text.index("]")])
+    elif text.count(":") == 1:  # v4:port
+        candidates.append(text.split(":", 1)[0])
+    for candidate in candidates:
+        try:
+            return ipaddress.ip_address(candidate.split("%", 1)[0])  # no scope id
+        except ValueError:
+            continue
+    return None
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 2765 (SIIT)
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated, still parsed
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for, if it is one of the forms that carry one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # (server, client): the client's address
+    if ip in _NAT64 or ip in _IPV4_TRANSLATED or (ip in _IPV4_COMPATIBLE and int(ip) > 0xFFFF):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def lockout_seconds(failures: int) -> int:

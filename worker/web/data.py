@@ -137,11 +137,7 @@ def receipt(
     redis_client: redis.Redis, settings: Settings, brand: str, receipt_id: int
 ) -> dict[str, Any]:
     """The worker's record of one receipt with its audit trail, and its dead letters."""
-    trail = AuditTrail(
-        redis_client,
-        ttl_seconds=settings.audit_ttl_seconds,
-        max_attempts=settings.audit_max_attempts,
-    )
+    trail = AuditTrail.from_settings(redis_client, settings)
     store = _store(redis_client, settings)
     record = trail.get(brand, receipt_id)
     page = store.page(Selection(brand=brand, receipt_id=receipt_id), limit=RECEIPT_DLQ_LIMIT)
@@ -150,7 +146,12 @@ def receipt(
     dlq_id = record.get("dlq_id") if record else None
     if dlq_id and dlq_id not in listed:  # beyond the page's scan: the record names it
         entries += [head for head in store.heads([dlq_id]) if head is not None]
-    return {"record": record, "dead_letters": entries, "partial": page.partial}
+    return {
+        "record": record,
+        "dead_letters": entries,
+        "partial": page.partial,
+        "window": trail.window(),
+    }
 
 
 def _store(redis_client: redis.Redis, settings: Settings) -> DeadLetterStore:
