@@ -180,7 +180,10 @@ class AuditTrail:
                     record[name] = fields[code]
             if "u" in fields:
                 record["updated_at"] = _time_text(fields["u"])
-            record["attempts"] += _attempts(fields.get("a", ""))
+            record["attempts"] += _attempts(_ring(fields, self.max_attempts))
+            if legacy_marker is not None and fields.get("s") != "f":
+                # marked by the layout before, or an older worker: fiscalised is what it is
+                record["state"], record["fiscal_id"] = "fiscalised", legacy_marker
         record["venue_id"] = _int(record.get("venue_id"))
         record["extras"] = _json_object(record.get("extras"))
         record["expires_in"] = int(pttl) // 1000 if fields and pttl and pttl > 0 else None
@@ -255,13 +258,19 @@ def fold_legacy(redis_client: Redis, brand: str, receipt_id: int, *, max_attempt
                 )
                 lifetimes = [pipe.pttl(k) for k in (key, *legacy_keys)]
                 merged = _legacy_fields(legacy)
-                if "s" in fields and legacy["state"] == "fiscalised" and fields["s"] != "f":
-                    fields = {**fields, "s": "f", "f": merged["f"]}  # fiscalised stays so
-                merged.update(fields)
+                own = {k: v for k, v in fields.items() if not _ring_field(k)}
+                if legacy["state"] == "fiscalised" and own.get("s") != "f":
+                    own["s"] = "f"  # fiscalised stays so, with the fiscal id it got
+                    fiscal_id = merged.get("f") or own.get("f")
+                    if fiscal_id:
+                        own["f"] = fiscal_id
+                merged.update(own)
                 lines = [_legacy_line(a) for a in legacy["attempts"]]
-                lines += [line for line in fields.get("a", "").split("\n") if line]
-                if lines:
-                    merged["a"] = "\n".join(lines[-max_attempts:])
+                lines += _ring(fields, max_attempts)
+                kept = lines[-max_attempts:]
+                merged |= {f"a{i}": line for i, line in enumerate(kept)}
+                if kept:
+                    merged["n"] = str(len(kept))
                 pipe.multi()
                 if merged:
                     pipe.hset(key, mapping=merged)
@@ -333,9 +342,25 @@ def _from_legacy(fields: dict[str, str], attempts: list[str], marker: str | None
     return record
 
 
-def _attempts(text: str) -> list[dict[str, Any]]:
+def _ring(fields: dict[str, str], size: int) -> list[str]:
+    """The attempt lines of a record, oldest first: `n` counts every attempt, the i-th is
+    in field a<(i-1) % size> (receipt_attempt.lua); a damaged count gives none."""
+    try:
+        count = int(fields.get("n") or 0)
+    except ValueError:
+        return []
+    first = max(0, count - size)
+    lines = (fields.get(f"a{k % size}") for k in range(first, count))
+    return [line for line in lines if line]
+
+
+def _ring_field(name: str) -> bool:
+    return name == "n" or (name[:1] == "a" and name[1:].isdecimal())
+
+
+def _attempts(lines: list[str]) -> list[dict[str, Any]]:
     out = []
-    for line in text.split("\n"):
+    for line in lines:
         parts = line.split(" ", 3)
         if len(parts) < 3:
             continue
@@ -344,7 +369,7 @@ def _attempts(text: str) -> list[dict[str, Any]]:
             {
                 "at": _time_text(at),
                 "call": call,
-                "http_status": int(status) if status.isdigit() else None,
+                "http_status": int(status) if status.isdecimal() and len(status) < 6 else None,
                 "outcome": parts[3] if len(parts) == 4 else "",
             }
         )
@@ -358,9 +383,13 @@ def _millis(at: datetime | None) -> int:
 
 
 def _time_text(value: str) -> str | None:
-    """An RFC 3339 time from unix ms (the record's), or the text as stored."""
-    if value.isdigit():
-        return to_rfc3339(int(value) / 1000)
+    """An RFC 3339 time from unix ms (the record's), or the text as stored (a legacy or a
+    damaged value)."""
+    if value.isdecimal():
+        try:
+            return to_rfc3339(int(value) / 1000)
+        except (OverflowError, OSError, ValueError):
+            return value
     return value or None
 
 

@@ -16,8 +16,10 @@ entry are not carried (they are the adapter's, of unknown size and meaning).
 
 Once per result: the event is emitted by the run whose transaction recorded the outcome,
 right after that transaction committed; a run that was fenced out commits nothing and
-emits nothing. A process killed between the commit and the line loses that one line (the
-receipt's record in Redis still says the outcome, for the window). No secret: the event
+emits nothing; of two consumers dead-lettering one bad entry, only the one whose add
+created the entry tells it. A process killed between the commit and the line loses that
+one line (Redis still has the outcome: the receipt's record for the window, a dead
+letter's entry until it is replayed or purged). No secret: the event
 carries the result's own fields and the worker's error text, which never holds a token or
 a client secret (and every line passes the log redaction, the file's too).
 """

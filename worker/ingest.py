@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -498,8 +499,10 @@ class IngestConsumer:
         )
         pipe.hincrby(keys.COUNTERS, telemetry.dead_lettered(Reason.INVALID_MESSAGE), 1)
         self._ack(entry.entry_id, pipe)  # dead-lettered and acknowledged together, or neither
-        pipe.execute()
+        replies = pipe.execute()
         log.warning(kv(event, rid=entry.entry_id, dlq_id=dlq_id, error=error[:200]))
+        if not _added(replies, dlq_id):  # another consumer dead-lettered it first: its event
+            return
         self.events.finished(
             "dead_lettered",
             rid=entry.entry_id,
@@ -517,6 +520,18 @@ class IngestConsumer:
             self.stream, self.group, min=entry_id, max=entry_id, count=1
         )
         return int(rows[0]["times_delivered"]) if rows else 0
+
+
+def _added(replies: list[Any], dlq_id: str) -> bool:
+    """Whether a transaction's replies hold dlq_add's "added" answer for `dlq_id` (not the
+    one for an entry another consumer had added first)."""
+    for reply in replies:
+        if not (isinstance(reply, list) and len(reply) >= 2):
+            continue
+        first, second = reply[0], reply[1]
+        if isinstance(first, bytes | str) and _text(first) == dlq_id and second in (1, b"1", "1"):
+            return True
+    return False
 
 
 def _text(value: bytes | str) -> str:

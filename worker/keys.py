@@ -39,11 +39,12 @@ Cluster readiness, not Cluster support
 Single-slot scripts (one brand's keys, or one key): ratelimit_reserve, ratelimit_pause,
 ratelimit_take, ratelimit_observe, ratelimit_auth_hold, breaker_allow, breaker_record,
 gate_record,
-idempotency_acquire / _extend / _release / _hold_in_flight, audit_set_state,
+idempotency_acquire / _extend / _release / _hold_in_flight, receipt_set_state,
+receipt_attempt,
 tokens_unlock, tokens_drop_if_current, ingest_read, ingest_prune, ingest_oldest_id, dlq_head.
 
 Scripts that cross slots (and so would not run on a Redis Cluster as they are):
-    store_admit       the schedule, result records, and the rate, breaker and fiscalised
+    store_admit       the schedule, result records, and the rate, breaker and receipt
                       keys of every brand among the results it admits
     store_fence       a receipt lock (per brand) with a result record and the schedule
     gate_check        the same, with the brand's breaker, pause and rate keys
@@ -185,8 +186,8 @@ def receipt(brand: str, receipt_id: int | str) -> str:
         s  state: p (pending), f (fiscalised), d (dead-lettered)
         f  fiscal_id          d  device_id         r  result_id       v  venue_id
         t  printed_at         x  extras (JSON)     q  dlq_id          u  updated (unix ms)
-        a  attempts, oldest first, one per line: `<unix ms> <call> <status|-> <outcome>`,
-           the last audit_max_attempts kept
+        n  attempts so far   a0 .. a<max-1>  the last audit_max_attempts of them, a ring:
+           the i-th in a<(i-1) % max>, each `<unix ms> <call> <status|-> <outcome>`
 
     TTL = the audit window (FISCAL_AUDIT_TTL_SECONDS), or the fiscalised marker's
     (FISCAL_FISCALISED_MARKER_TTL_SECONDS) if longer once fiscalised; renewed on every

@@ -309,6 +309,7 @@ class ResultStore:
             if brand:
                 script_keys += [
                     keys.receipt(brand, receipt),
+                    keys.legacy_fiscalised(brand, receipt),
                     *reserve_keys(brand),
                     keys.breaker(brand),
                 ]

@@ -26,20 +26,26 @@ from worker.breaker import CircuitBreaker
 from worker.idempotency import ReceiptLock
 from worker.ratelimit import BrandBudget, RatePolicy
 from worker.store import ResultStore
-from worker.testing.processes import RedisServer
+from worker.testing.processes import RedisServer, free_port
 
 SLOTS = ((0, 5460), (5461, 10922), (10923, 16383))
 BRANDS = ("grill.az", "pizza_1", "acme")  # hash tags on the three nodes (slots 2505, 7975, 12848)
 
 
 class ClusterNodeServer(RedisServer):
-    """One master of a test cluster: a private redis-server with cluster mode on."""
+    """One master of a test cluster: a private redis-server with cluster mode on, its
+    cluster bus on a free port of its own (the default, port + 10000, may be past 65535)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.bus_port = free_port()
 
     def config(self, binary: str) -> dict[str, str]:
         return super().config(binary) | {
             "cluster-enabled": "yes",
             "cluster-config-file": str(self.directory / "nodes.conf"),
             "cluster-node-timeout": "2000",
+            "cluster-port": str(self.bus_port),
         }
 
 
@@ -51,12 +57,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
         for index, (first, last) in enumerate(SLOTS):
             directory = Path(base / f"node{index}")
             directory.mkdir()
-            node = ClusterNodeServer(directory, None, persistent=False, detached=True)
+            node = ClusterNodeServer(
+                directory, None, persistent=False, detached=True, port_attempts=3
+            )
             node.start()
             nodes.append(node)
             node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
         for node in nodes[1:]:
-            nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            nodes[0].client().execute_command(
+                "CLUSTER", "MEET", "127.0.0.1", node.port, node.bus_port
+            )
 
         def ready() -> bool:
             return all(

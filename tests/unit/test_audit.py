@@ -10,6 +10,7 @@ import pytest
 
 from worker import keys
 from worker.audit import AuditTrail, fold_legacy
+from worker.idempotency import ReceiptLock
 
 TTL = 3600
 
@@ -76,7 +77,9 @@ def test_attempts_are_recorded_and_capped(trail: AuditTrail, redis: fakeredis.Fa
         ("PATCH", None, "timeout"),
     ]
     assert record["attempts"][0]["at"] == "2024-05-01T12:00:00.000Z"
-    assert len(redis.hget(keys.receipt("acme", 7), "a").split("\n")) == 3
+    fields = redis.hgetall(keys.receipt("acme", 7))
+    assert fields["n"] == "6"  # every attempt counted; the last 3 kept, in a ring of 3
+    assert sorted(k for k in fields if k.startswith("a")) == ["a0", "a1", "a2"]
     assert 0 < redis.ttl(keys.receipt("acme", 7)) <= TTL
 
 
@@ -192,7 +195,7 @@ def test_a_fiscalised_record_stays_in_the_compact_encoding(
     trail.record_attempt("acme", 123456, call="PATCH", http_status=200, outcome="ok")
     trail.set_state("acme", 123456, "fiscalised", fiscal_id="FISCAL-0001234567")
     fields = redis.hgetall(keys.receipt("acme", 123456))
-    assert set(fields) == {"s", "f", "d", "r", "t", "u", "a"}
+    assert set(fields) == {"s", "f", "d", "r", "t", "u", "n", "a0", "a1"}
     assert all(len(value) <= 64 for value in fields.values())  # hash-max-listpack-value
 
 
@@ -294,3 +297,72 @@ def test_folding_keeps_the_last_attempts_only(trail: AuditTrail, redis: fakeredi
     assert record is not None
     assert [a["outcome"] for a in record["attempts"]] == ["fiscalised"]
     assert record["state"] == "fiscalised"
+
+
+def test_a_legacy_marker_beside_a_pending_record_still_means_fiscalised(
+    trail: AuditTrail, redis: fakeredis.FakeRedis
+) -> None:
+    """A rolling upgrade: a new worker recorded the result (pending), an older one then
+    fiscalised the receipt under its legacy marker. A duplicate is absorbed without a call,
+    and nothing moves the receipt off fiscalised."""
+    trail.record_received("acme", 7, fiscal_id="F-7")
+    redis.set(keys.legacy_fiscalised("acme", 7), "F-7")
+    assert ReceiptLock(redis, "acme", 7, "2-0", 1).take() == (False, "F-7")
+    trail.set_state("acme", 7, "dead_lettered", fiscal_id="OTHER", dlq_id="dl-1")
+    record = trail.get("acme", 7)
+    assert record is not None
+    assert (record["state"], record["fiscal_id"], record["dlq_id"]) == ("fiscalised", "F-7", "dl-1")
+    assert redis.hget(keys.receipt("acme", 7), "s") == "f"
+
+
+def test_a_fiscalised_record_keeps_its_fiscal_id_even_fiscalised_again(
+    trail: AuditTrail, redis: fakeredis.FakeRedis
+) -> None:
+    trail.set_state("acme", 7, "fiscalised", fiscal_id="F-7")
+    trail.set_state("acme", 7, "fiscalised", fiscal_id="OTHER")
+    assert redis.hget(keys.receipt("acme", 7), "f") == "F-7"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"u": "9" * 30},
+        {"n": "2", "a0": "99999999999999999999 GET 200 ok", "a1": "x"},
+        {"n": "1", "a0": "1700000000000 GET \u00b2 ok"},
+        {"n": "1", "a0": "1700000000000 GET 9999999999 ok"},
+        {"n": "many"},
+        {"s": "?", "v": "seven", "x": "not json"},
+    ],
+)
+def test_a_damaged_record_is_shown_not_a_crash(
+    trail: AuditTrail, redis: fakeredis.FakeRedis, damage: dict[str, str]
+) -> None:
+    redis.hset(keys.receipt("acme", 7), mapping=damage)
+    record = trail.get("acme", 7)
+    assert record is not None
+    assert all(a["http_status"] is None or a["http_status"] < 1000 for a in record["attempts"])
+
+
+def test_folding_a_fiscalised_legacy_state_without_a_fiscal_id(
+    trail: AuditTrail, redis: fakeredis.FakeRedis
+) -> None:
+    redis.hset(keys.legacy_audit("acme", 7), "state", "fiscalised")
+    redis.hset(keys.receipt("acme", 7), mapping={"s": "p", "f": "F-7"})
+    assert fold_legacy(redis, "acme", 7, max_attempts=3) is True
+    assert redis.hmget(keys.receipt("acme", 7), "s", "f") == ["f", "F-7"]
+
+
+def test_folding_rewrites_the_attempts_ring_in_order(
+    trail: AuditTrail, redis: fakeredis.FakeRedis
+) -> None:
+    seed_legacy(redis)
+    for n in range(4):  # the ring of 3 has wrapped
+        trail.record_attempt("acme", 7, call="GET", http_status=200, outcome=f"new {n}")
+    fold_legacy(redis, "acme", 7, max_attempts=3)
+    assert [a["outcome"] for a in trail.get("acme", 7)["attempts"]] == [  # type: ignore[index]
+        "new 1", "new 2", "new 3",
+    ]  # fmt: skip
+    trail.record_attempt("acme", 7, call="GET", http_status=200, outcome="after")
+    assert [a["outcome"] for a in trail.get("acme", 7)["attempts"]] == [  # type: ignore[index]
+        "new 2", "new 3", "after",
+    ]  # fmt: skip

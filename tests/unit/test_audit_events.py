@@ -9,13 +9,15 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from burst import BRAND, Burst
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import audit_events
+from worker import audit_events, keys
 from worker.audit_events import AuditEvents, parse
+from worker.ingest import Entry
 from worker.logs import MASK, register_secret
 
 
@@ -74,6 +76,48 @@ def test_a_run_that_was_fenced_out_tells_nothing(caplog: pytest.LogCaptureFixtur
         caplog.clear()
         bench.fiscaliser.run(rid, 1)  # an old copy of its task turns up later
     assert events_of(caplog) == []
+
+
+def test_a_run_fenced_out_during_its_patch_tells_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A newer dispatch takes the result while this run's PATCH is in flight: this run's
+    finish fails its fence and emits no event; the newer run finishes it, and tells it."""
+    bench = Burst()
+    bench.add_receipt(7)
+    rid = bench.send(7, "F-7")
+    taken: list[int] = []
+
+    def newer_dispatch(api: object, request: httpx.Request, receipt_id: int) -> None:
+        if request.method == "PATCH" and not taken:
+            taken.append(int(bench.r.hincrby(keys.result(rid), "dispatch", 1)))
+        return None
+
+    bench.api.hooks.append(newer_dispatch)
+    with caplog.at_level(logging.INFO, logger=audit_events.LOGGER):
+        bench.dispatcher.run_once()
+        stale_rid, dispatch = bench.queue.popleft()
+        outcome = bench.fiscaliser.run(stale_rid, dispatch)
+        assert taken and outcome.kind.value != "fiscalised"  # its fence failed
+        assert events_of(caplog) == []
+        bench.fiscaliser.run(rid, taken[0])  # the newer dispatch: already done at the API
+    [event] = events_of(caplog)
+    assert (event["rid"], event["outcome"]) == (rid, "already_done")
+
+
+def test_an_entry_dead_lettered_by_two_consumers_is_told_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two consumers settle the same re-claimed bad entry: the store keeps one entry, and
+    only the consumer whose add created it tells the event."""
+    bench = Burst()
+    entry_id = bench.xadd("{not json")
+    with caplog.at_level(logging.INFO, logger=audit_events.LOGGER):
+        bench.run()
+        entry = Entry(entry_id, {b"data": b"{not json"})
+        bench.ingest._dead_letter(entry, "not JSON")  # the second consumer, later
+    assert [e["rid"] for e in events_of(caplog)] == [entry_id]
+    assert len(bench.dead_letters()) == 1
 
 
 def test_the_events_file_gets_one_json_line_per_event_per_utc_day(tmp_path: Path) -> None:

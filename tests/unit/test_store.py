@@ -56,6 +56,14 @@ def test_a_fiscalised_receipt_is_published_without_a_slot(r, store):
     assert tat(r) is None
 
 
+def test_a_receipt_fiscalised_under_a_legacy_marker_is_published_without_a_slot(r, store):
+    r.set(keys.legacy_fiscalised("b", 7), "F")  # the layout before, or an older worker
+    r.hset(keys.receipt("b", 7), mapping={"s": "p"})  # beside a record a new one began
+    add(store, "r1", receipt_id=7)
+    assert [c.rid for c in store.admit(["r1"], NOW).publish] == ["r1"]
+    assert tat(r) is None
+
+
 def test_an_open_circuit_holds_results_without_reserving(r, store):
     r.hset(keys.breaker("b"), mapping={"state": "open", "until": str(NOW + 30), "cooldown": "30"})
     add(store, "r1")

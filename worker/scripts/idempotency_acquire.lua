@@ -9,7 +9,7 @@
 
 local record = redis.call('HMGET', KEYS[2], 's', 'f')
 if record[1] == 'f' and record[2] then return {0, record[2]} end
-if not record[1] then
+if record[1] ~= 'f' then  -- the layout before, or an older worker, may have marked it
   local marked = redis.call('GET', KEYS[3])
   if marked then return {0, marked} end
 end

@@ -1,7 +1,9 @@
--- receipt_set_state: set a receipt record's state and fields (keys.receipt), unless that
--- would move a fiscalised receipt off fiscalised (without `force`); the "always" fields are
--- written regardless. A receipt with no record yet is as its legacy keys say (a record
--- written before the one-key layout: still fiscalised by its marker, or its old state).
+-- receipt_set_state: set a receipt record's state and fields (keys.receipt), unless the
+-- receipt is fiscalised already (without `force`): then only the "always" fields are
+-- written, so neither its state nor its fiscal id nor the result's fields ever change. A
+-- receipt not fiscalised by its record is fiscalised if its legacy marker says so (written
+-- by the layout before, or by an older worker during a rolling upgrade): the marker's
+-- fiscal id is copied into the record first.
 -- The TTL is renewed: the fiscalised one if the record ends fiscalised, else the audit one.
 -- KEYS: [1] the receipt record, [2] its legacy audit hash, [3] its legacy marker.
 -- ARGV: [1] audit ttl (s), [2] fiscalised ttl (s), [3] new state (p | f | d), [4] force
@@ -10,17 +12,17 @@
 -- Returns the previous state (nil if none).
 
 local current = redis.call('HGET', KEYS[1], 's')
-if not current then
-  if redis.call('EXISTS', KEYS[3]) == 1 then
+if current ~= 'f' then
+  local marked = redis.call('GET', KEYS[3])
+  if marked then
     current = 'f'
-    -- the marker's fiscal id stays the record's: a later result must not replace it
-    redis.call('HSET', KEYS[1], 's', 'f', 'f', redis.call('GET', KEYS[3]))
-  else
+    redis.call('HSET', KEYS[1], 's', 'f', 'f', marked)
+  elseif not current then
     local legacy = redis.call('HGET', KEYS[2], 'state')
     current = ({pending = 'p', fiscalised = 'f', dead_lettered = 'd'})[legacy or '']
   end
 end
-local keep = current == 'f' and ARGV[3] ~= 'f' and ARGV[4] == '0'
+local keep = current == 'f' and ARGV[4] == '0'
 local last_guarded = 5 + 2 * tonumber(ARGV[5])
 local fields = {}  -- one HSET of every field written
 if not keep then

@@ -22,8 +22,9 @@
 -- Crosses slots: the schedule and the records are global, the other keys per brand.
 --
 -- KEYS: [1] schedule, then per candidate, in ARGV's order:
---         read with a brand: 7 keys: result hash, receipt record, rate tat, rate front,
---           rate pause, rate others, breaker hash (of its brand and receipt)
+--         read with a brand: 8 keys: result hash, receipt record, legacy fiscalised
+--           marker, rate tat, rate front, rate pause, rate others, breaker hash (of its
+--           brand and receipt)
 --         read without one (no record, or a damaged one with an empty brand): 1 key:
 --           result hash; such a record, if it exists, is published at once
 -- ARGV: [1] mode ('due' | 'ids'), [2] now, [3] lease-until (of a queued result),
@@ -59,10 +60,10 @@ for i = 13, #ARGV, 3 do
   local key = KEYS[next_key]
   local k  -- the keys of its brand and receipt
   if brand ~= '' then
-    k = {marker = KEYS[next_key + 1], tat = KEYS[next_key + 2], front = KEYS[next_key + 3],
-         pause = KEYS[next_key + 4], others = KEYS[next_key + 5],
-         breaker = KEYS[next_key + 6]}
-    next_key = next_key + 7
+    k = {record = KEYS[next_key + 1], marker = KEYS[next_key + 2], tat = KEYS[next_key + 3],
+         front = KEYS[next_key + 4], pause = KEYS[next_key + 5], others = KEYS[next_key + 6],
+         breaker = KEYS[next_key + 7]}
+    next_key = next_key + 8
   else
     next_key = next_key + 1
   end
@@ -89,7 +90,7 @@ for i = 13, #ARGV, 3 do
     elseif not slot then
       if k == nil then
         slot = now  -- a record without a brand (damaged): its task dead-letters it
-      elseif redis.call('HGET', k.marker, 's') == 'f' then  -- fiscalised: its marker
+      elseif redis.call('HGET', k.record, 's') == 'f' or redis.call('EXISTS', k.marker) == 1 then
         slot = now
       else
         local hold = held_until(k, rid)
