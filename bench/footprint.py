@@ -34,8 +34,8 @@ import argparse
 import json
 import re
 import sys
-import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from bench.common import (
     summary,
 )
 from worker import keys
+from worker.testing import wait_for
 
 NAME = "footprint"
 RESULTS = 1000
@@ -120,22 +121,25 @@ def added_keys(before: dict[str, int], after: dict[str, int]) -> Counter[str]:
     return Counter(kind(key) for key in after.keys() - before.keys())
 
 
-def wait_finished(stack: Stack, timeout: float) -> None:
-    """Nothing scheduled, queued or pending on the stream (else Incorrect)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pending = stack.redis.xpending(STREAM, keys.INGEST_GROUP)["pending"]
-        busy = stack.redis.zcard(keys.SCHEDULE) or stack.redis.llen(keys.CELERY_QUEUE)
-        if not busy and not pending and not stack.redis.xlen(STREAM):
-            return
-        time.sleep(0.05)
-    raise Incorrect("results still unfinished after the run")
+def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """`wait_for`, with a run that does not get there refused (Incorrect), not a failed test."""
+    try:
+        wait_for(condition, timeout=timeout, what=what)
+    except AssertionError as exc:
+        raise Incorrect(str(exc)) from None
+
+
+def finished(stack: Stack) -> bool:
+    """Nothing scheduled, queued, pending on the stream or left in it."""
+    pending = stack.redis.xpending(STREAM, keys.INGEST_GROUP)["pending"]
+    busy = stack.redis.zcard(keys.SCHEDULE) or stack.redis.llen(keys.CELERY_QUEUE)
+    return not busy and not pending and not stack.redis.xlen(STREAM)
 
 
 def measure_kind(stack: Stack, what: str, results: int) -> dict[str, Any]:
     """One run of one kind: keys, bytes by kind of key and used_memory, per result."""
     stack.standin.reset()
-    wait_finished(stack, 30)
+    until(lambda: finished(stack), 30, "the stack idle")
     before, memory_before = snapshot(stack.redis), used_memory(stack.redis)
     cpu_before = cpu_seconds(stack.redis)
     dead_before = stack.redis.zcard(keys.DLQ_INDEX)
@@ -144,16 +148,16 @@ def measure_kind(stack: Stack, what: str, results: int) -> dict[str, Any]:
         stack.submit(expected)
         stats = stack.wait_landed(expected, LAND_TIMEOUT)
         check_landed(patch_counts(stats), expected, stored=stored_receipts(stats))
-        wait_finished(stack, 30)
+        until(lambda: finished(stack), 30, "every result finished")
         n = len(expected)
     else:
         stack.submit(stack.batch(results, brands=(UNKNOWN_BRAND,)))
-        deadline = time.monotonic() + LAND_TIMEOUT
-        while stack.redis.zcard(keys.DLQ_INDEX) - dead_before < results:
-            if time.monotonic() > deadline:
-                raise Incorrect("dead letters did not all arrive")
-            time.sleep(0.05)
-        wait_finished(stack, 30)
+        until(
+            lambda: stack.redis.zcard(keys.DLQ_INDEX) - dead_before >= results,
+            LAND_TIMEOUT,
+            "every dead letter",
+        )
+        until(lambda: finished(stack), 30, "every result finished")
         if stack.redis.zcard(keys.DLQ_INDEX) - dead_before != results:
             raise Incorrect("a result was dead-lettered twice")
         n = results

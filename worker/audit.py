@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -325,10 +325,7 @@ def _key(brand: str, receipt_id: int) -> str:
 
 def _from_legacy(fields: dict[str, str], attempts: list[str], marker: str | None) -> dict[str, Any]:
     """A record of the layout before (hash, JSON attempts list, marker) as `get` gives it."""
-    record: dict[str, Any] = {
-        name: fields.get(name) for name in ("state", *FIELDS, "updated_at") if name != "extras"
-    }
-    record["extras"] = fields.get("extras")
+    record: dict[str, Any] = {name: fields.get(name) for name in ("state", *FIELDS, "updated_at")}
     if marker is not None:  # the marker is what fiscalised means
         record["state"], record["fiscal_id"] = "fiscalised", marker
     record["attempts"] = []
@@ -379,7 +376,7 @@ def _attempts(lines: list[str]) -> list[dict[str, Any]]:
 def _millis(at: datetime | None) -> int:
     if at is None:
         return int(time.time() * 1000)
-    return int(parse_rfc3339(to_rfc3339(at)).timestamp() * 1000)
+    return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)  # naive: UTC
 
 
 def _time_text(value: str) -> str | None:

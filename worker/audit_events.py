@@ -86,10 +86,10 @@ class AuditEvents:
             "finished_at": to_rfc3339(moment),
             "error": error[:MAX_ERROR_CHARS] if error else None,
         }
-        line = redact(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
-        log.info("%s %s", EVENT, line)
+        line = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        log.info("%s %s", EVENT, line)  # the log handlers redact it (worker/logs.py)
         if self.path:
-            self._append(line, moment)
+            self._append(redact(line), moment)
         return event
 
     def _append(self, line: str, moment: datetime) -> None:

@@ -325,6 +325,20 @@ class DeadLetterStore:
             )
         )
 
+    @staticmethod
+    def added(replies: list[Any], entry_id: str) -> bool:
+        """Whether a transaction's replies (the caller's `pipeline` of `add`) hold dlq_add's
+        "added" answer for `entry_id`: False when the entry was another add's (its result
+        was dead-lettered first by someone else) or was never queued."""
+        for reply in replies:
+            if not (isinstance(reply, list) and len(reply) >= 2):
+                continue
+            first, second = reply[0], reply[1]
+            text = first.decode() if isinstance(first, bytes) else first
+            if text == entry_id and second in (1, b"1", "1"):
+                return True
+        return False
+
     def remove(self, entry_id: str) -> dict[str, Any] | None:
         """Remove one entry atomically; returns it, or None if there was none."""
         removed = self._remove_many([entry_id]) if ID_PATTERN.fullmatch(entry_id) else []

@@ -40,7 +40,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -501,7 +500,7 @@ class IngestConsumer:
         self._ack(entry.entry_id, pipe)  # dead-lettered and acknowledged together, or neither
         replies = pipe.execute()
         log.warning(kv(event, rid=entry.entry_id, dlq_id=dlq_id, error=error[:200]))
-        if not _added(replies, dlq_id):  # another consumer dead-lettered it first: its event
+        if not self.dlq.added(replies, dlq_id):  # another consumer's add: its event
             return
         self.events.finished(
             "dead_lettered",
@@ -520,18 +519,6 @@ class IngestConsumer:
             self.stream, self.group, min=entry_id, max=entry_id, count=1
         )
         return int(rows[0]["times_delivered"]) if rows else 0
-
-
-def _added(replies: list[Any], dlq_id: str) -> bool:
-    """Whether a transaction's replies hold dlq_add's "added" answer for `dlq_id` (not the
-    one for an entry another consumer had added first)."""
-    for reply in replies:
-        if not (isinstance(reply, list) and len(reply) >= 2):
-            continue
-        first, second = reply[0], reply[1]
-        if isinstance(first, bytes | str) and _text(first) == dlq_id and second in (1, b"1", "1"):
-            return True
-    return False
 
 
 def _text(value: bytes | str) -> str:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import redis
 
@@ -638,13 +639,7 @@ class Fiscaliser:
                 attempts=record.attempts,
             )
         )
-        self.events.finished(
-            kind.value,
-            rid=record.rid,
-            result=record.result,
-            attempts=record.attempts,
-            first_seen=record.first_seen,
-        )
+        self._tell(record, kind)
         return Outcome(kind, detail)
 
     def _dead_letter(
@@ -688,17 +683,19 @@ class Fiscaliser:
                 error=error,
             )
         )
+        self._tell(record, Kind.DEAD_LETTERED, reason=reason, dlq_id=dlq_id, error=error)
+        return Outcome(Kind.DEAD_LETTERED, error, reason=reason, dlq_id=dlq_id)
+
+    def _tell(self, record: ResultRecord, kind: Kind, **dead_letter: Any) -> None:
+        """The finished result's audit event, after its outcome committed."""
         self.events.finished(
-            Kind.DEAD_LETTERED.value,
+            kind.value,
             rid=record.rid,
             result=record.result,
             attempts=record.attempts,
             first_seen=record.first_seen,
-            reason=reason,
-            dlq_id=dlq_id,
-            error=error,
+            **dead_letter,
         )
-        return Outcome(Kind.DEAD_LETTERED, error, reason=reason, dlq_id=dlq_id)
 
     def _dead_letter_damaged(self, damaged: Damaged) -> Outcome:
         """A record that cannot be read: dead-letter what it holds (its payload is the

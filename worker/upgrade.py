@@ -147,7 +147,9 @@ def migrate_keys(redis_client: redis.Redis, *, dry_run: bool = False) -> Migrati
 
 _LEGACY_RECEIPT_KEY = re.compile(
     re.escape(keys.PREFIX)
-    + r":\{b:([A-Za-z0-9_.-]{1,64})\}:(?:audit|fiscalised):(\d+)(?::attempts)?"
+    + r":\{b:("
+    + BRAND_PATTERN.pattern.strip("^$")
+    + r")\}:(?:audit|fiscalised):(\d+)(?::attempts)?"
 )
 
 

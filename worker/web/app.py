@@ -23,7 +23,6 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -376,7 +375,7 @@ async def _login(request: Request) -> Response:
         if attempt.wait == 0 and valid_name(name) and password:
             if console.hashing >= MAX_CONCURRENT_HASHES:  # not checked: not counted
                 await run_in_threadpool(
-                    partial(console.throttle.take_back, name, client, attempt, succeeded=False)
+                    console.throttle.take_back, name, client, attempt, succeeded=False
                 )
                 log.warning(kv("web_login_busy", client=client))
                 return PlainTextResponse("too many logins at once; try again", status_code=503)
@@ -387,7 +386,7 @@ async def _login(request: Request) -> Response:
                 console.hashing -= 1
         if user is not None:
             await run_in_threadpool(
-                partial(console.throttle.take_back, name, client, attempt, succeeded=True)
+                console.throttle.take_back, name, client, attempt, succeeded=True
             )
             cookie, _ = await run_in_threadpool(console.sessions.create, user.name, user.role)
     except redis.exceptions.RedisError as exc:
